@@ -1,0 +1,346 @@
+"""Configuration: the `gate.yaml` schema, its loading, environment overrides, validation.
+
+Every key is declared with its type; unknown keys are errors. A problem is reported as a
+`ConfigError` whose message names the offending key path (`upstreams.1.url: ...`); the
+command line turns it into exit status 2. Environment variables override keys:
+`REGISTRY_GATE_<KEY>[__<SUBKEY>...]` (e.g. `REGISTRY_GATE_STORAGE__MAX_SIZE=5GiB`,
+`REGISTRY_GATE_LISTEN=0.0.0.0:5000`); values are parsed as YAML scalars/lists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.references import normalize_registry, validate_registry
+
+ENV_PREFIX = "REGISTRY_GATE_"
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]i?B?|B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1}
+for _i, _p in enumerate("KMGTP", start=1):
+    _SIZE_UNITS[f"{_p}IB"] = _SIZE_UNITS[f"{_p}I"] = 1024**_i
+    _SIZE_UNITS[f"{_p}B"] = _SIZE_UNITS[_p] = 1000**_i
+
+
+class ConfigError(Exception):
+    """The configuration (file, environment or a file it names) is invalid."""
+
+
+def parse_size(value: object) -> int:
+    """Parse `20GiB`, `500MB`, `1024` into bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 20GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("size must not be negative")
+        return value
+    match = _SIZE_RE.fullmatch(str(value))
+    if match is None:
+        raise ValueError(f"invalid size {value!r} (expected e.g. 20GiB, 500MB, 1048576)")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "").upper()])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Size = Annotated[int, Field(ge=0)]
+
+
+class StorageSettings(_Strict):
+    """Where and how much the cache stores."""
+
+    path: Path = Field(default_factory=lambda: default_cache_dir())
+    max_size: Size = 20 * 1024**3
+    tag_ttl: float = Field(default=60.0, ge=0, description="seconds a tag->digest is fresh")
+    stale_limit: float = Field(
+        default=86400.0, ge=0, description="seconds a cached tag may be served stale"
+    )
+
+    @field_validator("max_size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int:
+        return parse_size(value)
+
+
+class TimeoutSettings(_Strict):
+    """Upstream timeouts, in seconds."""
+
+    connect: float = Field(default=5.0, gt=0)
+    read: float = Field(default=60.0, gt=0)
+    total_manifest: float = Field(default=60.0, gt=0)
+
+
+class UpstreamSettings(_Strict):
+    """One upstream registry of the closed upstream table."""
+
+    registry: str
+    url: str
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    insecure: bool = False
+    timeouts: TimeoutSettings = TimeoutSettings()
+    allowed_redirect_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, value: str) -> str:
+        try:
+            return validate_registry(value)
+        except Exception as exc:
+            raise ValueError(f"invalid registry name {value!r}") from exc
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must not carry credentials, a query or a fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _password_source(self) -> UpstreamSettings:
+        if self.password_env and self.password_file:
+            raise ValueError("set password_env or password_file, not both")
+        if (self.password_env or self.password_file) and not self.username:
+            raise ValueError("a password needs a username")
+        return self
+
+    def password(self) -> str | None:
+        """Read the upstream password from its environment variable or file."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(
+                    f"upstreams[{self.registry}].password_env: "
+                    f"environment variable {self.password_env} is not set"
+                )
+            return value
+        if self.password_file:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"upstreams[{self.registry}].password_file: {exc.strerror}"
+                ) from exc
+        return None
+
+
+class PolicySettings(_Strict):
+    """Which policy files (and registries.conf) are in force."""
+
+    files: list[Path] = Field(default_factory=list)
+    registries_conf: Path | None = None
+    pins_path: Path | None = None
+    watch: bool = True
+
+
+class TrustedIssuer(_Strict):
+    """An external token issuer whose JWTs the gate accepts."""
+
+    issuer: str
+    audience: str
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    public_key_file: Path | None = None
+    groups_claim: str = "groups"
+    algorithms: list[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]] = Field(
+        default_factory=lambda: ["RS256", "ES256"]
+    )
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> TrustedIssuer:
+        sources = [self.jwks_file, self.jwks_url, self.public_key_file]
+        if sum(s is not None for s in sources) != 1:
+            raise ValueError("set exactly one of jwks_file, jwks_url, public_key_file")
+        return self
+
+
+class AuthSettings(_Strict):
+    """Client authentication."""
+
+    mode: Literal["none", "token"] = "none"
+    htpasswd: Path | None = None
+    signing_key: Path | None = None
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+    groups_file: Path | None = None
+    trusted_issuers: list[TrustedIssuer] = Field(default_factory=list)
+    realm: str | None = None
+    service: str = "registry-gate"
+    issuer: str = "registry-gate"
+    token_ttl: int = Field(default=300, ge=60, le=86400)
+
+    @model_validator(mode="after")
+    def _token_mode_needs_key(self) -> AuthSettings:
+        if self.mode == "token" and self.signing_key is None and not self.trusted_issuers:
+            raise ValueError("auth.mode token needs signing_key or trusted_issuers")
+        return self
+
+
+class AuditSettings(_Strict):
+    """The audit log sink."""
+
+    path: Path | None = None
+    stdout: bool = False
+
+
+class MetricsSettings(_Strict):
+    """Where `/metrics` is served."""
+
+    listen: str | None = None
+    enabled: bool = True
+
+
+class Settings(_Strict):
+    """The whole gate configuration (gate.yaml)."""
+
+    listen: str = "127.0.0.1:5000"
+    public_url: str | None = None
+    storage: StorageSettings = StorageSettings()
+    upstreams: list[UpstreamSettings] = Field(min_length=1)
+    push_registry: str | None = None
+    policy: PolicySettings = PolicySettings()
+    auth: AuthSettings = AuthSettings()
+    audit: AuditSettings = AuditSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host_port(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        names = [u.registry for u in self.upstreams]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ValueError(f"upstream registries listed twice: {sorted(duplicates)}")
+        if self.push_registry is not None and normalize_registry(self.push_registry) not in names:
+            raise ValueError(f"push_registry {self.push_registry!r} is not an upstream")
+        return self
+
+    def upstream(self, registry: str) -> UpstreamSettings | None:
+        """The upstream entry for a (normalised) registry name."""
+        for upstream in self.upstreams:
+            if upstream.registry == registry:
+                return upstream
+        return None
+
+
+def host_port(listen: str) -> tuple[str, int]:
+    """Split `host:port` (IPv6 in brackets)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def default_cache_dir() -> Path:
+    """The user's cache directory (XDG) for the embedded default configuration."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "registry-gate"
+
+
+EMBEDDED_DEFAULT: dict[str, Any] = {
+    "listen": "127.0.0.1:5000",
+    "upstreams": [{"registry": "docker.io", "url": "https://registry-1.docker.io"}],
+}
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay `REGISTRY_GATE_A__B=value` onto the raw document (before validation)."""
+    result: dict[str, Any] = dict(raw)
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
+            continue
+        path = [part.lower() for part in name.removeprefix(ENV_PREFIX).split("__") if part]
+        if not path:
+            continue
+        value = yaml.safe_load(environ[name]) if environ[name] else ""
+        node = result
+        for key in path[:-1]:
+            child = node.get(key)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[key] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {location}: {message}{suffix}"
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Relative file paths in the config are relative to the config file's folder."""
+
+    def fix(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else base / path
+
+    policy = settings.policy.model_copy(
+        update={
+            "files": [fix(p) for p in settings.policy.files],
+            "registries_conf": fix(settings.policy.registries_conf),
+            "pins_path": fix(settings.policy.pins_path),
+        }
+    )
+    auth = settings.auth.model_copy(
+        update={
+            "htpasswd": fix(settings.auth.htpasswd),
+            "signing_key": fix(settings.auth.signing_key),
+            "groups_file": fix(settings.auth.groups_file),
+        }
+    )
+    audit = settings.audit.model_copy(update={"path": fix(settings.audit.path)})
+    storage = settings.storage.model_copy(update={"path": fix(settings.storage.path)})
+    return settings.model_copy(
+        update={"policy": policy, "auth": auth, "audit": audit, "storage": storage}
+    )
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load and validate a config file (or the embedded default when `path` is None)."""
+    environ = os.environ if environ is None else environ
+    if path is None:
+        raw: Any = dict(EMBEDDED_DEFAULT)
+        source, base = "embedded default", Path.cwd()
+    else:
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where}: invalid YAML") from exc
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: (top level): expected a mapping of keys")
+        source, base = str(path), path.resolve().parent
+    raw = apply_env_overrides(raw, environ)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc
+    return _resolve_paths(settings, base)
