@@ -48,6 +48,12 @@ def parse_size(value: object) -> int:
     return int(float(number) * _SIZE_UNITS[(unit or "").upper()])
 
 
+def default_cache_dir() -> Path:
+    """The user's cache directory (XDG) for the embedded default configuration."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "registry-gate"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,7 +64,7 @@ Size = Annotated[int, Field(ge=0)]
 class StorageSettings(_Strict):
     """Where and how much the cache stores."""
 
-    path: Path = Field(default_factory=lambda: default_cache_dir())
+    path: Path = Field(default_factory=default_cache_dir)
     max_size: Size = 20 * 1024**3
     tag_ttl: float = Field(default=60.0, ge=0, description="seconds a tag->digest is fresh")
     stale_limit: float = Field(
@@ -147,6 +153,10 @@ class PolicySettings(_Strict):
     watch: bool = True
 
 
+Algorithm = Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
+DEFAULT_ALGORITHMS: tuple[Algorithm, ...] = ("RS256", "ES256")
+
+
 class TrustedIssuer(_Strict):
     """An external token issuer whose JWTs the gate accepts."""
 
@@ -156,9 +166,7 @@ class TrustedIssuer(_Strict):
     jwks_url: str | None = None
     public_key_file: Path | None = None
     groups_claim: str = "groups"
-    algorithms: list[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]] = Field(
-        default_factory=lambda: ["RS256", "ES256"]
-    )
+    algorithms: list[Algorithm] = Field(default_factory=lambda: list(DEFAULT_ALGORITHMS))
 
     @model_validator(mode="after")
     def _one_key_source(self) -> TrustedIssuer:
@@ -211,6 +219,9 @@ class Settings(_Strict):
     storage: StorageSettings = StorageSettings()
     upstreams: list[UpstreamSettings] = Field(min_length=1)
     push_registry: str | None = None
+    upload_secret: str | None = Field(
+        default=None, description="shared by replicas so upload sessions survive a hop"
+    )
     policy: PolicySettings = PolicySettings()
     auth: AuthSettings = AuthSettings()
     audit: AuditSettings = AuditSettings()
@@ -248,12 +259,6 @@ def host_port(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port, got {listen!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def default_cache_dir() -> Path:
-    """The user's cache directory (XDG) for the embedded default configuration."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "registry-gate"
 
 
 EMBEDDED_DEFAULT: dict[str, Any] = {

@@ -1,0 +1,552 @@
+"""The content-addressed blob cache: where verified blobs live, and how space is reclaimed.
+
+Owns the `BlobStore` protocol (what any backend, filesystem or object store, must offer)
+and its embedded filesystem implementation:
+
+    <root>/blobs/<algorithm>/<hex>   published blobs, only ever created by an atomic rename
+                                     of a complete file whose bytes hashed to its name
+    <root>/tmp/                      fills in progress; wiped at start (a crash mid-fill
+                                     leaves nothing that could be served)
+    <root>/.lock                     one gate process per cache directory
+
+Eviction is least-recently-used under a byte cap, over an in-memory index rebuilt from the
+directory at start (order from file mtimes, which reads refresh now and then). A blob with
+a lease (being filled or read) or in the `protected` set (pinned images) is never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from proxy.errors import DigestInvalid
+from proxy.references import validate_digest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+HASH_CHUNK = 1024 * 1024
+# Refreshing a blob's mtime on every hit would be a metadata write per request; the LRU
+# order only needs to survive a restart roughly, so the disk copy is refreshed at most
+# this often (seconds) per blob while the in-memory order is exact.
+ACCESS_PERSIST_INTERVAL = 300.0
+_ALGORITHMS = ("sha256", "sha512")
+_HEX_LENGTH = {"sha256": 64, "sha512": 128}
+
+
+class StorageLocked(RuntimeError):
+    """Another process holds the cache directory (two gates must not share one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStats:
+    """What the blob cache holds now."""
+
+    count: int
+    bytes: int
+    max_size: int
+    leased: int
+
+
+class BlobReader(Protocol):
+    """Random access to a blob's bytes (published, or written so far by a fill)."""
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes from `offset` (fewer only at the end of what exists)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the reader."""
+        ...
+
+
+class BlobWriter(Protocol):
+    """One fill: bytes go to a private place while they are hashed; nothing is visible
+    to `path_for`/`stat`/`open_reader` of the store until `commit` verified them."""
+
+    @property
+    def digest(self) -> str:
+        """The digest the content must hash to."""
+        ...
+
+    @property
+    def written(self) -> int:
+        """Bytes written so far."""
+        ...
+
+    async def write(self, chunk: bytes) -> None:
+        """Append and hash a chunk."""
+        ...
+
+    async def commit(self, expected_size: int | None = None) -> None:
+        """Verify digest (and size), make durable, publish; DigestInvalid on mismatch,
+        in which case the data is discarded."""
+        ...
+
+    async def abort(self) -> None:
+        """Discard the fill; safe to call more than once and after a failed commit."""
+        ...
+
+    def open_reader(self) -> BlobReader:
+        """A reader of what has been written so far (it sees later writes too).
+
+        Synchronous so a caller can check the fill's state and open a reader with no
+        suspension point between; valid until `commit` or `abort` has returned, and the
+        reader keeps working after them.
+        """
+        ...
+
+
+class BlobStore(Protocol):
+    """A content-addressed blob cache shared by all upstreams and repositories."""
+
+    async def path_for(self, digest: str) -> Path | None:
+        """A local path of the published blob (for zero-copy sending), counting as an
+        access; None when not cached or when the backend has no local files."""
+        ...
+
+    async def stat(self, digest: str) -> int | None:
+        """The size of the published blob, or None when not cached."""
+        ...
+
+    async def open_reader(self, digest: str) -> BlobReader | None:
+        """A reader of the published blob (counting as an access), or None."""
+        ...
+
+    async def begin_fill(self, digest: str) -> BlobWriter:
+        """Start writing content that must hash to `digest`."""
+        ...
+
+    async def delete(self, digest: str) -> bool:
+        """Remove a published blob whatever its leases; whether it existed."""
+        ...
+
+    def lease(self, digest: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Keep `digest` from eviction while the context is open (reads and fills)."""
+        ...
+
+    async def gc(self) -> list[tuple[str, int]]:
+        """Evict least-recently-used blobs until under the size cap; (digest, size) each."""
+        ...
+
+    async def verify(self, *, remove: bool = False) -> list[str]:
+        """Re-hash every published blob; the digests whose content is wrong (removed
+        when `remove`)."""
+        ...
+
+    async def stats(self) -> BlobStats:
+        """Counts for `cache stats` and metrics."""
+        ...
+
+
+class _ThreadedFd:
+    """A file descriptor whose blocking calls run in a worker thread.
+
+    A cancelled caller does not stop the thread; `close` waits for the call in flight so
+    the descriptor number cannot be reused (by another open) while a thread still writes
+    or reads through it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._pending: asyncio.Future[object] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    async def call(self, fn: Callable[[int], T]) -> T:
+        if self.fd < 0:
+            raise ValueError("file descriptor is closed")
+        future = asyncio.get_running_loop().run_in_executor(None, fn, self.fd)
+        self._pending = future  # type: ignore[assignment]
+        return await asyncio.shield(future)
+
+    async def close(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await asyncio.wait([pending])
+            if not pending.cancelled():
+                # Retrieved so a failure nobody awaited (the caller was cancelled) is not
+                # reported as "never retrieved".
+                pending.exception()
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class _FdReader:
+    """`BlobReader` over an open descriptor (its own, so others may close theirs)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = _ThreadedFd(fd)
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        return await self._fd.call(lambda fd: os.pread(fd, size, offset))
+
+    async def aclose(self) -> None:
+        await self._fd.close()
+
+
+@dataclass(slots=True)
+class _Entry:
+    size: int
+    persisted: float  # monotonic time the file's mtime was last refreshed
+
+
+class FilesystemBlobStore:
+    """`BlobStore` on a local directory (the embedded default)."""
+
+    def __init__(
+        self,
+        root: Path,
+        max_size: int,
+        *,
+        protected: Callable[[], Collection[str]] | None = None,
+        on_evict: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.max_size = max_size
+        self._protected = protected
+        self._on_evict = on_evict
+        self._blobs = root / "blobs"
+        self._tmp = root / "tmp"
+        # Least recently used first.
+        self._index: OrderedDict[str, _Entry] = OrderedDict()
+        self._total = 0
+        self._leases: dict[str, int] = {}
+        self._removing: dict[str, asyncio.Event] = {}
+        self._gc_lock = asyncio.Lock()
+        self._lock_fd = -1
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self, *, exclusive: bool = True) -> None:
+        """Create the layout and load the index.
+
+        `exclusive` (the gate) locks the directory and removes fills a dead process left
+        behind; without it (read-only tools such as `cache verify` beside a running
+        gate) nothing is locked or removed.
+        """
+        await asyncio.to_thread(self._open_sync, exclusive)
+
+    def _open_sync(self, exclusive: bool) -> None:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for algorithm in _ALGORITHMS:
+            (self._blobs / algorithm).mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StorageLocked(f"another registry-gate process uses {self.root}") from None
+            self._lock_fd = fd
+            for leftover in self._tmp.iterdir():
+                log.info("removing unfinished fill %s", leftover.name)
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+        found: list[tuple[float, str, int]] = []
+        for algorithm in _ALGORITHMS:
+            with os.scandir(self._blobs / algorithm) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if len(name) != _HEX_LENGTH[algorithm] or not _is_hex(name):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    found.append((st.st_mtime, f"{algorithm}:{name}", st.st_size))
+        found.sort()
+        now = time.monotonic()
+        self._index = OrderedDict((digest, _Entry(size, now)) for _, digest, size in found)
+        self._total = sum(size for _, _, size in found)
+
+    async def close(self) -> None:
+        """Release the directory lock (fills in progress are their owners' to abort)."""
+        if self._lock_fd >= 0:
+            fd, self._lock_fd = self._lock_fd, -1
+            os.close(fd)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        """Where a published blob lives (whether or not it exists)."""
+        algorithm, _, hexpart = validate_digest(digest).partition(":")
+        return self._blobs / algorithm / hexpart
+
+    async def path_for(self, digest: str) -> Path | None:
+        entry = self._index.get(digest)
+        if entry is None:
+            return None
+        self._index.move_to_end(digest)
+        path = self.blob_path(digest)
+        now = time.monotonic()
+        if now - entry.persisted >= ACCESS_PERSIST_INTERVAL:
+            entry.persisted = now
+            try:
+                await asyncio.to_thread(os.utime, path)
+            except FileNotFoundError:
+                # Removed behind the gate's back: forget it rather than serve a 404 later.
+                self._forget(digest)
+                return None
+        return path
+
+    async def stat(self, digest: str) -> int | None:
+        entry = self._index.get(digest)
+        return None if entry is None else entry.size
+
+    async def open_reader(self, digest: str) -> BlobReader | None:
+        path = await self.path_for(digest)
+        if path is None:
+            return None
+        try:
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget(digest)
+            return None
+        return _FdReader(fd)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, digest: str) -> AsyncIterator[None]:
+        self._leases[digest] = self._leases.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            count = self._leases[digest] - 1
+            if count:
+                self._leases[digest] = count
+            else:
+                del self._leases[digest]
+
+    async def stats(self) -> BlobStats:
+        return BlobStats(len(self._index), self._total, self.max_size, len(self._leases))
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def begin_fill(self, digest: str) -> BlobWriter:
+        algorithm, _, hexpart = validate_digest(digest).partition(":")
+        fd, name = await asyncio.to_thread(
+            tempfile.mkstemp, prefix=f"{hexpart[:16]}.", suffix=".part", dir=self._tmp
+        )
+        return _FilesystemBlobWriter(self, digest, algorithm, hexpart, fd, Path(name))
+
+    async def _publish(self, digest: str, size: int) -> None:
+        # Called after the rename: the blob is now visible and counted.
+        old = self._index.pop(digest, None)
+        if old is not None:
+            self._total -= old.size
+        self._index[digest] = _Entry(size, time.monotonic())
+        self._total += size
+        await self.gc()
+
+    async def _wait_removal(self, digest: str) -> None:
+        # An eviction of this digest may still be unlinking its old file; a rename before
+        # that unlink would have the new blob deleted.
+        while (event := self._removing.get(digest)) is not None:
+            await event.wait()
+
+    def _forget(self, digest: str) -> _Entry | None:
+        entry = self._index.pop(digest, None)
+        if entry is not None:
+            self._total -= entry.size
+        return entry
+
+    async def _remove(self, victims: list[tuple[str, int]]) -> None:
+        events = {digest: asyncio.Event() for digest, _ in victims}
+        self._removing.update(events)
+        try:
+            paths = [self.blob_path(digest) for digest, _ in victims]
+            await asyncio.to_thread(_unlink_all, paths)
+        finally:
+            for digest, event in events.items():
+                del self._removing[digest]
+                event.set()
+
+    async def delete(self, digest: str) -> bool:
+        entry = self._forget(digest)
+        if entry is None:
+            return False
+        await self._remove([(digest, entry.size)])
+        return True
+
+    async def gc(self) -> list[tuple[str, int]]:
+        async with self._gc_lock:
+            if self._total <= self.max_size:
+                return []
+            protected = frozenset(self._protected()) if self._protected else frozenset()
+            excess = self._total - self.max_size
+            victims: list[tuple[str, int]] = []
+            for digest, entry in self._index.items():
+                if excess <= 0:
+                    break
+                if digest in self._leases or digest in protected:
+                    continue
+                victims.append((digest, entry.size))
+                excess -= entry.size
+            for digest, _ in victims:
+                self._forget(digest)
+            if victims:
+                await self._remove(victims)
+            if excess > 0:
+                log.warning(
+                    "blob cache over its cap by %d bytes: the rest is leased or pinned", excess
+                )
+        if self._on_evict is not None:
+            for digest, size in victims:
+                self._on_evict(digest, size)
+        return victims
+
+    async def verify(self, *, remove: bool = False) -> list[str]:
+        bad: list[str] = []
+        for digest in list(self._index):
+            entry = self._index.get(digest)
+            if entry is None:
+                continue  # evicted meanwhile
+            async with self.lease(digest):
+                ok = await asyncio.to_thread(_file_matches, self.blob_path(digest), digest)
+            if ok is None:
+                self._forget(digest)
+            elif not ok:
+                bad.append(digest)
+                if remove:
+                    await self.delete(digest)
+        return bad
+
+
+class _FilesystemBlobWriter:
+    """A fill into `<root>/tmp/`, published by rename into `<root>/blobs/`."""
+
+    def __init__(
+        self,
+        store: FilesystemBlobStore,
+        digest: str,
+        algorithm: str,
+        hexpart: str,
+        fd: int,
+        path: Path,
+    ) -> None:
+        self._store = store
+        self._digest = digest
+        self._hexpart = hexpart
+        self._hash = hashlib.new(algorithm)
+        self._fd = _ThreadedFd(fd)
+        self._path = path
+        self._written = 0
+        self._finished = False
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    async def write(self, chunk: bytes) -> None:
+        if self._finished:
+            raise ValueError("write after commit or abort")
+
+        def write(fd: int) -> None:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            # After the write: hashlib releases the GIL for large buffers, so this runs
+            # in the worker thread too.
+            self._hash.update(chunk)
+
+        await self._fd.call(write)
+        self._written += len(chunk)
+
+    def open_reader(self) -> BlobReader:
+        if self._fd.closed:
+            raise ValueError("the fill is finished; read the published blob")
+        return _FdReader(os.dup(self._fd.fd))
+
+    async def commit(self, expected_size: int | None = None) -> None:
+        if self._finished:
+            raise ValueError("commit after commit or abort")
+        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if actual != self._digest or (expected_size is not None and expected_size != self._written):
+            await self.abort()
+            raise DigestInvalid(
+                "content does not match its digest",
+                detail={
+                    "digest": self._digest,
+                    "received": actual,
+                    "size": self._written,
+                    "expected_size": expected_size,
+                },
+            )
+        await self._store._wait_removal(self._digest)
+        final = self._store.blob_path(self._digest)
+        try:
+            await self._fd.call(lambda fd: _make_durable(fd, self._path, final))
+        except BaseException:
+            await self.abort()
+            raise
+        self._finished = True
+        await self._fd.close()
+        await self._store._publish(self._digest, self._written)
+
+    async def abort(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        await self._fd.close()
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(self._path.unlink)
+
+
+def _make_durable(fd: int, temp: Path, final: Path) -> None:
+    os.fsync(fd)
+    os.replace(temp, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # The index already forgot it; a file that cannot be removed is only wasted
+            # space until the next start rescans (it was verified when published).
+            log.error("cannot remove %s: %s", path, os.strerror(exc.errno or errno.EIO))
+
+
+def _file_matches(path: Path, digest: str) -> bool | None:
+    """Whether the file hashes to `digest`; None when it is gone."""
+    algorithm, _, hexpart = digest.partition(":")
+    hasher = hashlib.new(algorithm)
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(HASH_CHUNK):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return None
+    return hasher.hexdigest() == hexpart
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)

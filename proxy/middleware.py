@@ -1,0 +1,77 @@
+"""Request-wide concerns: request ids, timing, and the one place errors are rendered.
+
+Every error reaching a client is the OCI JSON form; an unexpected exception becomes a
+500 that names the request id and nothing else (no traceback, no credential).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.errors import RegistryError
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+REQUEST_ID = web.AppKey("request_id_header", str)
+log = logging.getLogger("registry_gate.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_HTTP_CODES = {
+    400: "UNSUPPORTED",
+    404: "NOT_FOUND",
+    405: "UNSUPPORTED",
+    413: "SIZE_INVALID",
+    431: "UNSUPPORTED",
+}
+
+
+def error_response(error: RegistryError, request_id: str) -> web.Response:
+    """Render a gate error as its OCI JSON response."""
+    response = web.Response(status=error.status, body=error.body(), content_type="application/json")
+    response.headers.update(error.headers)
+    response.headers["X-Request-Id"] = request_id
+    response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+    return response
+
+
+def request_id_of(request: web.Request) -> str:
+    """The id of this request (set by the middleware)."""
+    value = request.get("request_id")
+    return value if isinstance(value, str) else "-"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Assign a request id, render errors as OCI JSON, stamp the API version header."""
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else ""
+    request["request_id"] = request_id or uuid.uuid4().hex
+    request["started"] = time.monotonic()
+    try:
+        response = await handler(request)
+    except RegistryError as error:
+        return error_response(error, request["request_id"])
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "UNKNOWN")
+        return error_response(_http_error(code, exc.status, exc.reason), request["request_id"])
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request["request_id"]})
+        internal = RegistryError(f"internal error (request id {request['request_id']})")
+        return error_response(internal, request["request_id"])
+    if not response.prepared:
+        response.headers.setdefault("X-Request-Id", request["request_id"])
+        response.headers.setdefault(*API_VERSION_HEADER)
+    return response
+
+
+def _http_error(code: str, status: int, message: str) -> RegistryError:
+    error = RegistryError(message)
+    error.code = code
+    error.status = status
+    return error

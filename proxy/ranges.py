@@ -1,0 +1,52 @@
+"""HTTP `Range` requests on blobs (pure): parse `bytes=` ranges against a size.
+
+Only a single range is served (registries and their clients never ask for more);
+multi-range and unparsable values are answered with the whole blob, as RFC 9110 allows.
+"""
+
+from __future__ import annotations
+
+import re
+
+from proxy.errors import RangeInvalid
+
+_RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive (first, last) byte range asked for, None for the whole blob.
+
+    Raises RangeInvalid (416) when the range cannot be satisfied.
+    """
+    if not header:
+        return None
+    match = _RANGE_RE.fullmatch(header)
+    if match is None:
+        return None
+    first_text, last_text = match.groups()
+    if not first_text and not last_text:
+        return None
+    if not first_text:
+        suffix = int(last_text)
+        if suffix == 0 or size == 0:
+            raise unsatisfiable(size)
+        return max(0, size - suffix), size - 1
+    first = int(first_text)
+    last = int(last_text) if last_text else size - 1
+    if last < first:
+        raise unsatisfiable(size)
+    if first >= size:
+        raise unsatisfiable(size)
+    return first, min(last, size - 1)
+
+
+def unsatisfiable(size: int) -> RangeInvalid:
+    """The 416 error with the `Content-Range: bytes */size` the spec asks for."""
+    return RangeInvalid(
+        "requested range not satisfiable", headers={"Content-Range": f"bytes */{size}"}
+    )
+
+
+def content_range(first: int, last: int, size: int) -> str:
+    """The `Content-Range` value of a 206 response."""
+    return f"bytes {first}-{last}/{size}"

@@ -1,0 +1,229 @@
+"""The OCI Distribution endpoints the gate serves: thin handlers that parse and delegate.
+
+Each handler validates what the client sent (name, reference, digest) before anything
+reaches an upstream, locates the repository (ns, path prefix or short name), and hands
+over to the pull path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from proxy.addressing import Target, V2Route, locate, parse_v2_path
+from proxy.errors import (
+    Denied,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    Unsupported,
+)
+from proxy.middleware import API_VERSION_HEADER
+from proxy.pull_through import STREAM_CHUNK
+from proxy.push import ClientAddress, read_manifest_body
+from proxy.ranges import parse_range
+from proxy.references import (
+    Repository,
+    is_digest,
+    strip_docker_library,
+    validate_digest,
+    validate_reference,
+)
+from proxy.services import SERVICES, Services
+from proxy.tag_pages import next_link, page, parse_page_size
+
+PULL_METHODS = frozenset({"GET", "HEAD"})
+
+
+async def v2_root(request: web.Request) -> web.Response:
+    """`GET /v2/`: the API version check every client starts with."""
+    return web.json_response({}, headers=dict([API_VERSION_HEADER]))
+
+
+async def v2_dispatch(request: web.Request) -> web.StreamResponse:
+    """Every `/v2/<name>/...` endpoint."""
+    raw_path = request.raw_path.split("?", 1)[0]
+    if "%" in raw_path or "/../" in raw_path or "//" in raw_path[4:]:
+        # Encoded slashes or dot segments would make the name mean something else upstream.
+        raise NameInvalid("invalid characters in the request path")
+    route = parse_v2_path(request.match_info["tail"])
+    if route is None:
+        raise NameUnknown("no such endpoint")
+    services = request.app[SERVICES]
+    ns = request.query.get("ns")
+    target = locate(route.name, ns, services.registries)
+    if route.ref is not None and route.kind == "manifest":
+        validate_reference(route.ref)
+    elif route.ref is not None and route.kind in ("blob", "referrers"):
+        validate_digest(route.ref)
+    if request.method not in PULL_METHODS or route.kind in ("upload", "upload_start"):
+        response = await _write(request, services, target, route)
+    elif route.kind == "manifest":
+        response = await _manifest(request, services, target, route)
+    elif route.kind == "blob":
+        response = await _blob(request, services, target, route)
+    elif route.kind == "tags":
+        response = await _tags(request, services, target, route)
+    elif route.kind == "referrers":
+        response = await _referrers(request, services, target, route)
+    else:
+        raise Unsupported(f"{request.method} is not supported on this endpoint")
+    if ns is not None:
+        response.headers["OCI-Namespace"] = ns
+    return response
+
+
+async def _resolve(services: Services, target: Target, reference: str | None) -> Repository:
+    """The repository a request means; short names go through the search list."""
+    if target.repository is not None:
+        return target.repository
+    short = strip_docker_library(target.short_name or target.requested)
+    remembered = services.recent_resolutions.get(short)
+    if reference is None or (remembered is not None and is_digest(reference)):
+        if remembered is not None:
+            return remembered
+        reference = reference or "latest"
+    for registry in services.search:
+        candidate = Repository.of(registry, short)
+        if await services.pull.exists(candidate, reference):
+            services.recent_resolutions[short] = candidate
+            return candidate
+    raise ManifestUnknown(
+        f"{short}:{reference} was not found in any search registry",
+        detail={"search": services.search},
+    )
+
+
+async def _manifest(
+    request: web.Request, services: Services, target: Target, route: V2Route
+) -> web.StreamResponse:
+    assert route.ref is not None
+    repository = await _resolve(services, target, route.ref)
+    head = request.method == "HEAD"
+    result = await services.pull.manifest(
+        repository, route.ref, request.headers.getall("Accept", []), head=head
+    )
+    headers = {
+        "Content-Type": result.info.media_type,
+        "Docker-Content-Digest": result.info.digest,
+        "Etag": f'"{result.info.digest}"',
+    }
+    if head:
+        headers["Content-Length"] = str(result.info.size)
+        return web.Response(status=200, headers=headers)
+    return web.Response(status=200, body=result.body, headers=headers)
+
+
+async def _blob(
+    request: web.Request, services: Services, target: Target, route: V2Route
+) -> web.StreamResponse:
+    assert route.ref is not None
+    repository = await _resolve(services, target, route.ref)
+    range_header = request.headers.get("Range")
+    head = request.method == "HEAD"
+    stream = await services.pull.blob(repository, route.ref, range_header, head=head)
+    if "Content-Range" in stream.headers and stream.status == 206:
+        # Re-check the upstream's framing against the client's request.
+        size_text = stream.headers["Content-Range"].rpartition("/")[2]
+        if size_text.isdigit():
+            parse_range(range_header, int(size_text))
+    response = web.StreamResponse(status=stream.status, headers=stream.headers)
+    if "Content-Length" in stream.headers:
+        response.content_length = int(stream.headers["Content-Length"])
+    await response.prepare(request)
+    if not head:
+        async for chunk in stream.chunks:
+            await response.write(chunk)
+    else:
+        await stream.chunks.aclose()  # type: ignore[attr-defined]
+    await response.write_eof()
+    return response
+
+
+async def _tags(
+    request: web.Request, services: Services, target: Target, route: V2Route
+) -> web.StreamResponse:
+    repository = await _resolve(services, target, None)
+    n = parse_page_size(request.query.get("n"))
+    last = request.query.get("last")
+    tags = await services.pull.tags(repository)
+    selected, more = page(tags, n, last)
+    headers = {}
+    if more and n and selected:
+        headers["Link"] = next_link(route.name, n, selected[-1], request.query.get("ns"))
+    return web.json_response({"name": route.name, "tags": selected}, headers=headers)
+
+
+async def _referrers(
+    request: web.Request, services: Services, target: Target, route: V2Route
+) -> web.StreamResponse:
+    assert route.ref is not None
+    repository = await _resolve(services, target, route.ref)
+    body, headers = await services.pull.referrers(
+        repository, route.ref, request.query.get("artifactType")
+    )
+    return web.Response(status=200, body=body, headers=headers)
+
+
+def _write_repository(services: Services, target: Target) -> Repository:
+    """Writes go where the name addresses; a short name goes to the push registry."""
+    if target.repository is not None:
+        return target.repository
+    registry = services.settings.push_registry
+    if registry is None:
+        raise Denied(
+            "short-name pushes are refused: no push_registry is configured; "
+            "push to a fully-qualified name such as registry.example/team/app"
+        )
+    return Repository.of(registry, strip_docker_library(target.short_name or target.requested))
+
+
+def _body(request: web.Request) -> AsyncIterator[bytes] | None:
+    if request.content_length == 0 or (
+        request.content_length is None and "Transfer-Encoding" not in request.headers
+    ):
+        return None
+    return request.content.iter_chunked(STREAM_CHUNK)
+
+
+async def _write(
+    request: web.Request, services: Services, target: Target, route: V2Route
+) -> web.StreamResponse:
+    """Uploads, manifest PUTs and deletes, forwarded to the upstream the name addresses."""
+    repository = _write_repository(services, target)
+    address = ClientAddress(route.name, request.query.get("ns"))
+    method = request.method
+    if route.kind == "upload_start" and method == "POST":
+        mount_from = None
+        if "from" in request.query:
+            source = locate(request.query["from"], request.query.get("ns"), services.registries)
+            mount_from = _write_repository(services, source)
+        forwarded = await services.pusher.start_upload(
+            repository, address, request.query, request.headers, _body(request), mount_from
+        )
+    elif route.kind == "upload" and method in ("PATCH", "PUT", "GET", "DELETE"):
+        assert route.ref is not None
+        forwarded = await services.pusher.continue_upload(
+            method, repository, address, route.ref, request.query, request.headers, _body(request)
+        )
+    elif route.kind == "manifest" and method == "PUT":
+        assert route.ref is not None
+        body = await read_manifest_body(request.content.iter_chunked(STREAM_CHUNK))
+        forwarded = await services.pusher.put_manifest(
+            repository, address, route.ref, request.headers, body, request.query.getall("tag", [])
+        )
+    elif route.kind in ("manifest", "blob") and method == "DELETE":
+        assert route.ref is not None
+        forwarded = await services.pusher.delete(repository, address, route.kind, route.ref)
+    else:
+        raise Unsupported(f"{method} is not supported on this endpoint")
+    return web.Response(status=forwarded.status, headers=forwarded.headers, body=forwarded.body)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the OCI endpoints."""
+    app.router.add_route("GET", "/v2/", v2_root)
+    app.router.add_route("HEAD", "/v2/", v2_root)
+    app.router.add_route("*", "/v2/{tail:.+}", v2_dispatch)
+    app.router.add_route("GET", "/v2", v2_root)

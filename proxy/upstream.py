@@ -1,0 +1,456 @@
+"""One client per upstream registry: pooled connections, timeouts, auth, status mapping.
+
+The client performs the Bearer token dance itself (parse the challenge, fetch a token
+from the realm with the needed scope and the upstream's credentials, cache it until
+shortly before expiry), answers Basic challenges, follows blob redirects only to hosts
+the upstream may send the gate to (without its `Authorization`), and is the only place
+that maps upstream statuses and failures onto the gate's OCI errors (`map_failure`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import ssl
+import time
+from collections.abc import AsyncIterable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import aiohttp
+from cachetools import TLRUCache
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.challenge import Challenge, bearer_challenge, parse_challenges, repository_scope
+from proxy.egress import EgressPolicy, EgressRefused
+from proxy.errors import (
+    BlobUnknown,
+    BlobUploadUnknown,
+    Denied,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.settings import UpstreamSettings
+
+Kind = Literal["manifest", "blob", "tags", "upload", "referrers", "ping"]
+MAX_TOKEN_RESPONSE = 1024 * 1024
+MAX_ERROR_BODY = 64 * 1024
+MAX_REDIRECTS = 10
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# A token is refreshed this long before it expires, so no request carries a dying token.
+TOKEN_EXPIRY_MARGIN = 15.0
+
+_NOT_FOUND: dict[Kind, type[RegistryError]] = {
+    "manifest": ManifestUnknown,
+    "blob": BlobUnknown,
+    "tags": NameUnknown,
+    "upload": BlobUploadUnknown,
+    "referrers": NameUnknown,
+    "ping": NameUnknown,
+}
+# Upstream OCI error codes passed through to the client on a 4xx (push validation etc.).
+_PASS_THROUGH_CODES = frozenset(
+    {
+        "BLOB_UNKNOWN",
+        "BLOB_UPLOAD_INVALID",
+        "BLOB_UPLOAD_UNKNOWN",
+        "DIGEST_INVALID",
+        "MANIFEST_BLOB_UNKNOWN",
+        "MANIFEST_INVALID",
+        "MANIFEST_UNKNOWN",
+        "NAME_INVALID",
+        "NAME_UNKNOWN",
+        "SIZE_INVALID",
+        "TAG_INVALID",
+        "UNSUPPORTED",
+        "RANGE_INVALID",
+    }
+)
+
+
+class UpstreamObserver(Protocol):
+    """Receives what the upstream client sees, for metrics."""
+
+    def upstream_response(self, upstream: str, method: str, status: str, seconds: float) -> None:
+        """One upstream exchange finished (status is the HTTP status or a failure name)."""
+
+    def upstream_ratelimit(self, upstream: str, remaining: float) -> None:
+        """The upstream reported its remaining pull allowance (Docker Hub)."""
+
+
+class PassThroughError(RegistryError):
+    """An upstream 4xx with a standard OCI code, relayed to the client as the upstream said."""
+
+    def __init__(self, code: str, status: int, message: str, detail: Any = None) -> None:
+        super().__init__(message, detail=detail)
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    value: str
+    expires_at: float
+
+
+def _token_ttu(_key: str, token: _Token, now: float) -> float:
+    return token.expires_at
+
+
+def map_failure(
+    upstream: str, status: int, kind: Kind, headers: Mapping[str, str], body: bytes
+) -> RegistryError:
+    """The one table mapping an upstream answer that is not a success to an OCI error."""
+    if status == 404:
+        return _NOT_FOUND[kind](f"not found on upstream {upstream}")
+    if status in (401, 403):
+        return Denied(f"upstream {upstream} refused access")
+    if status == 429:
+        retry_after = headers.get("Retry-After", "60")
+        return TooManyRequests(
+            f"upstream {upstream} is rate-limiting the gate; retry later",
+            headers={"Retry-After": retry_after},
+        )
+    if status == 416:
+        return PassThroughError("RANGE_INVALID", 416, f"upstream {upstream}: range invalid")
+    if 400 <= status < 500:
+        code, message = _oci_error(body)
+        if code in _PASS_THROUGH_CODES:
+            return PassThroughError(code, status, f"upstream {upstream}: {message}")
+        return UpstreamUnavailable(f"upstream {upstream} answered {status}")
+    if status == 504:
+        return UpstreamTimeout(f"upstream {upstream} timed out (504)")
+    return UpstreamUnavailable(f"upstream {upstream} failed with status {status}")
+
+
+def _oci_error(body: bytes) -> tuple[str | None, str]:
+    try:
+        document = json.loads(body)
+        first = document["errors"][0]
+        return str(first["code"]), str(first.get("message", ""))[:500]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None, ""
+
+
+def _ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
+    if settings.insecure:
+        return False
+    if settings.ca_file is not None:
+        return ssl.create_default_context(cafile=str(settings.ca_file))
+    return True
+
+
+class UpstreamClient:
+    """Talks to one upstream registry on behalf of the gate."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        observer: UpstreamObserver | None = None,
+        *,
+        user_agent: str = "registry-gate",
+    ) -> None:
+        self.settings = settings
+        self.name = settings.registry
+        self.base = URL(settings.url)
+        self.egress = EgressPolicy(settings.registry, settings.url, settings.allowed_redirect_hosts)
+        self._observer = observer
+        self._user_agent = user_agent
+        self._password = settings.password()
+        self._tokens: TLRUCache[str, _Token] = TLRUCache(maxsize=4096, ttu=_token_ttu)
+        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._challenge: Challenge | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the connection pool."""
+        timeouts = self.settings.timeouts
+        connector = aiohttp.TCPConnector(
+            limit=64, ssl=_ssl_context(self.settings), ttl_dns_cache=60
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
+            ),
+            auto_decompress=False,
+            trust_env=False,
+            headers={"User-Agent": self._user_agent},
+        )
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled HTTP session (started)."""
+        if self._session is None:
+            raise RuntimeError(f"upstream client {self.name} used before start()")
+        return self._session
+
+    def _basic(self) -> str | None:
+        if self.settings.username is None:
+            return None
+        raw = f"{self.settings.username}:{self._password or ''}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    # --- the token dance -------------------------------------------------------------
+
+    async def _authorization(self, scope: str | None, refresh: bool = False) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic()
+        if challenge.scheme != "bearer" or scope is None:
+            return None
+        cached = self._tokens.get(scope)
+        if cached is not None and not refresh:
+            return f"Bearer {cached.value}"
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            cached = self._tokens.get(scope)
+            if cached is not None and not refresh:
+                return f"Bearer {cached.value}"
+            token = await self._fetch_token(challenge, scope)
+            self._tokens[scope] = token
+            return f"Bearer {token.value}"
+
+    async def _fetch_token(self, challenge: Challenge, scope: str) -> _Token:
+        realm = challenge.realm
+        if not realm:
+            raise UpstreamUnavailable(f"upstream {self.name} sent a Bearer challenge without realm")
+        try:
+            await self.egress.check(realm)
+        except EgressRefused as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.name} sent a token realm the gate will not use", detail=str(exc)
+            ) from exc
+        query: dict[str, str] = {"scope": scope}
+        if "service" in challenge.params:
+            query["service"] = challenge.params["service"]
+        headers = {"Accept": "application/json"}
+        basic = self._basic()
+        if basic is not None:
+            headers["Authorization"] = basic
+            query["account"] = self.settings.username or ""
+        started = time.monotonic()
+        try:
+            async with self.session.get(
+                realm, params=query, headers=headers, allow_redirects=False
+            ) as response:
+                body = await _read_capped(response, MAX_TOKEN_RESPONSE)
+                self._observe("GET", str(response.status), started)
+                if response.status in (401, 403):
+                    raise Denied(f"token service of upstream {self.name} refused the credentials")
+                if response.status != 200:
+                    raise UpstreamUnavailable(
+                        f"token service of upstream {self.name} answered {response.status}"
+                    )
+        except aiohttp.ClientError as exc:
+            self._observe("GET", "error", started)
+            raise UpstreamUnavailable(f"token service of upstream {self.name} failed") from exc
+        except TimeoutError as exc:
+            self._observe("GET", "timeout", started)
+            raise UpstreamTimeout(f"token service of upstream {self.name} timed out") from exc
+        try:
+            document = json.loads(body)
+            value = str(document.get("token") or document["access_token"])
+            expires_in = max(60.0, float(document.get("expires_in", 60)))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamUnavailable(
+                f"token service of upstream {self.name} sent an invalid response"
+            ) from exc
+        return _Token(value, time.monotonic() + expires_in - TOKEN_EXPIRY_MARGIN)
+
+    def _learn_challenge(self, headers: Mapping[str, str]) -> bool:
+        """Remember the upstream's challenge; True when the response carried one."""
+        header = headers.get("WWW-Authenticate", "")
+        challenge = bearer_challenge(header)
+        if challenge is None:
+            challenges = parse_challenges(header)
+            challenge = challenges[0] if challenges else None
+        if challenge is None:
+            return False
+        self._challenge = challenge
+        return True
+
+    async def ensure_challenge(self) -> None:
+        """Learn the upstream's challenge up front (before a body that cannot be replayed)."""
+        if self._challenge is not None:
+            return
+        async with await self.request("GET", "/v2/", kind="ping") as response:
+            if response.status == 401:
+                self._learn_challenge(response.headers)
+
+    # --- requests --------------------------------------------------------------------
+
+    def _observe(self, method: str, status: str, started: float) -> None:
+        if self._observer is not None:
+            self._observer.upstream_response(self.name, method, status, time.monotonic() - started)
+
+    def _note_ratelimit(self, headers: Mapping[str, str]) -> None:
+        value = headers.get("ratelimit-remaining")
+        if value and self._observer is not None:
+            with contextlib.suppress(ValueError):
+                self._observer.upstream_ratelimit(self.name, float(value.split(";", 1)[0]))
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: Kind,
+        repository: str | None = None,
+        actions: tuple[str, ...] = ("pull",),
+        query: Iterable[tuple[str, str]] = (),
+        headers: Mapping[str, str] | CIMultiDict[str] | None = None,
+        data: bytes | AsyncIterable[bytes] | None = None,
+        follow_redirects: bool = False,
+    ) -> aiohttp.ClientResponse:
+        """Send one request, authenticating as needed; the caller releases the response.
+
+        The response is returned whatever its status; `raise_for_status` maps failures.
+        Connection failures and timeouts raise the gate's upstream errors here.
+        """
+        scope = repository_scope(repository, actions) if repository else None
+        url = self.base.with_path(path, encoded=True).with_query(list(query))
+        replayable = data is None or isinstance(data, bytes)
+        if not replayable and self._challenge is None:
+            await self.ensure_challenge()
+        response = await self._send(method, url, scope, headers, data)
+        # One retry with a fresh token: the first try may have had none, or one whose
+        # scope or lifetime no longer fits.
+        if response.status == 401 and replayable and self._learn_challenge(response.headers):
+            response.release()
+            response = await self._send(method, url, scope, headers, data, refresh=True)
+        if follow_redirects and response.status in _REDIRECTS:
+            response = await self._follow(method, response, headers)
+        return response
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        scope: str | None,
+        headers: Mapping[str, str] | CIMultiDict[str] | None,
+        data: bytes | AsyncIterable[bytes] | None,
+        *,
+        refresh: bool = False,
+    ) -> aiohttp.ClientResponse:
+        outgoing: CIMultiDict[str] = CIMultiDict(headers or {})
+        outgoing.setdefault("Accept-Encoding", "identity")
+        authorization = await self._authorization(scope, refresh=refresh)
+        if authorization is not None:
+            outgoing["Authorization"] = authorization
+        started = time.monotonic()
+        try:
+            response = await self.session.request(
+                method, url, headers=outgoing, data=data, allow_redirects=False
+            )
+        except TimeoutError as exc:
+            self._observe(method, "timeout", started)
+            raise UpstreamTimeout(f"upstream {self.name} timed out") from exc
+        except aiohttp.ClientError as exc:
+            self._observe(method, "error", started)
+            raise UpstreamUnavailable(f"upstream {self.name} is unreachable") from exc
+        self._observe(method, str(response.status), started)
+        self._note_ratelimit(response.headers)
+        return response
+
+    async def _follow(
+        self,
+        method: str,
+        response: aiohttp.ClientResponse,
+        headers: Mapping[str, str] | CIMultiDict[str] | None,
+    ) -> aiohttp.ClientResponse:
+        """Follow redirects to allowed hosts; `Authorization` never crosses hosts."""
+        for _hop in range(MAX_REDIRECTS):
+            location = response.headers.get("Location")
+            origin = response.url
+            response.release()
+            if not location:
+                raise UpstreamUnavailable(f"upstream {self.name} redirected without Location")
+            target = origin.join(URL(location))
+            try:
+                await self.egress.check(str(target))
+            except EgressRefused as exc:
+                raise UpstreamUnavailable(
+                    f"upstream {self.name} redirected to a host the gate will not use",
+                    detail=str(exc),
+                ) from exc
+            outgoing: CIMultiDict[str] = CIMultiDict(headers or {})
+            outgoing.setdefault("Accept-Encoding", "identity")
+            if target.host == self.base.host and target.port == self.base.port:
+                scope_auth = response.request_info.headers.get("Authorization")
+                if scope_auth:
+                    outgoing["Authorization"] = scope_auth
+            started = time.monotonic()
+            try:
+                response = await self.session.request(
+                    method, target, headers=outgoing, allow_redirects=False
+                )
+            except TimeoutError as exc:
+                self._observe(method, "timeout", started)
+                raise UpstreamTimeout(f"redirect target of upstream {self.name} timed out") from exc
+            except aiohttp.ClientError as exc:
+                self._observe(method, "error", started)
+                raise UpstreamUnavailable(
+                    f"redirect target of upstream {self.name} is unreachable"
+                ) from exc
+            self._observe(method, str(response.status), started)
+            if response.status not in _REDIRECTS:
+                return response
+        response.release()
+        raise UpstreamUnavailable(
+            f"upstream {self.name} redirected more than {MAX_REDIRECTS} times"
+        )
+
+    async def raise_for_status(self, response: aiohttp.ClientResponse, kind: Kind) -> None:
+        """Raise the mapped OCI error (and release) unless the response is a success."""
+        if response.status < 400:
+            return
+        try:
+            body = await _read_capped(response, MAX_ERROR_BODY, truncate=True)
+        except RegistryError:
+            body = b""
+        finally:
+            response.release()
+        raise map_failure(self.name, response.status, kind, response.headers, body)
+
+
+async def _read_capped(
+    response: aiohttp.ClientResponse, limit: int, *, truncate: bool = False
+) -> bytes:
+    """Read a body up to `limit` bytes; over the cap is an upstream failure (or cut)."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            total += len(chunk)
+            if total > limit:
+                if truncate:
+                    chunks.append(chunk[: limit - (total - len(chunk))])
+                    break
+                raise UpstreamUnavailable(f"upstream response exceeds {limit} bytes")
+            chunks.append(chunk)
+    except TimeoutError as exc:
+        raise UpstreamTimeout("upstream stalled while sending a body") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable("upstream connection failed while sending a body") from exc
+    return b"".join(chunks)
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read a whole body, failing with 502 past `limit` bytes (manifests, JSON)."""
+    return await _read_capped(response, limit)
