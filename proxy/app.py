@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from proxy.middleware import error_middleware
+from proxy.auth import Authenticator
+from proxy.credentials import UserDirectory
+from proxy.middleware import auth_middleware, error_middleware
 from proxy.pull_through import PullThrough
 from proxy.push import Pusher
 from proxy.routes import add_routes
 from proxy.services import SERVICES, Services
 from proxy.settings import Settings
+from proxy.token_routes import add_token_routes
+from proxy.tokens import TokenIssuer, TokenVerifier, load_private_key
 from proxy.upload_tokens import UploadSealer
 from proxy.upstream import UpstreamClient
 
@@ -34,7 +41,38 @@ def build_services(settings: Settings) -> Services:
         pull=PullThrough(clients),
         pusher=Pusher(clients, UploadSealer(secret)),
         search=search,
+        authenticator=build_authenticator(settings) if settings.auth.mode == "token" else None,
     )
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    """The client-facing token service and verifier from the auth settings."""
+    auth = settings.auth
+    users = UserDirectory.from_settings(auth)
+    issuer = None
+    if auth.signing_key is not None:
+        issuer = TokenIssuer(
+            load_private_key(auth.signing_key), auth.issuer, auth.service, auth.token_ttl
+        )
+    verifier = TokenVerifier.build(
+        issuer, auth.service, auth.trusted_issuers, fetch_jwks, users.groups_of
+    )
+    return Authenticator(auth.realm, auth.service, issuer, verifier, users)
+
+
+async def fetch_jwks(url: str) -> dict[str, Any]:
+    """Fetch an external issuer's JWKS document (capped, short timeout)."""
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with (
+        aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
+        session.get(url) as response,
+    ):
+        response.raise_for_status()
+        body = await response.content.read(1024 * 1024)
+    document = json.loads(body)
+    if not isinstance(document, dict):
+        raise ValueError("JWKS document is not an object")
+    return document
 
 
 async def _upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -49,11 +87,12 @@ async def _upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
 def build_app(settings: Settings, services: Services | None = None) -> web.Application:
     """The aiohttp application for these settings."""
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[error_middleware, auth_middleware],
         handler_args={"max_line_size": MAX_HEADER_SIZE, "max_field_size": MAX_HEADER_SIZE},
         client_max_size=4 * 1024 * 1024,
     )
     app[SERVICES] = services or build_services(settings)
     app.cleanup_ctx.append(_upstream_lifecycle)
     add_routes(app)
+    add_token_routes(app)
     return app

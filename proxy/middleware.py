@@ -1,4 +1,4 @@
-"""Request-wide concerns: request ids, timing, and the one place errors are rendered.
+"""Request-wide concerns: request ids, authentication, and the one place errors are rendered.
 
 Every error reaching a client is the OCI JSON form; an unexpected exception becomes a
 500 that names the request id and nothing else (no traceback, no credential).
@@ -13,10 +13,13 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from proxy.addressing import parse_v2_path
+from proxy.auth import METHOD_ACTIONS
 from proxy.errors import RegistryError
+from proxy.principal import ANONYMOUS
+from proxy.services import SERVICES
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
-REQUEST_ID = web.AppKey("request_id_header", str)
 log = logging.getLogger("registry_gate.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -75,3 +78,41 @@ def _http_error(code: str, status: int, message: str) -> RegistryError:
     error.code = code
     error.status = status
     return error
+
+
+def _scope_for(request: web.Request) -> tuple[str | None, str | None, str]:
+    """(repository name, scope string, action) a `/v2/` request needs from its token."""
+    action = METHOD_ACTIONS.get(request.method, "pull")
+    route = parse_v2_path(request.match_info.get("tail", "")) if request.path != "/v2/" else None
+    if route is None:
+        return None, None, action
+    actions = "pull,push" if action == "push" else action
+    return route.name, f"repository:{route.name}:{actions}", action
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With token auth on, every `/v2` request needs a valid token covering its scope."""
+    services = request.app[SERVICES]
+    authenticator = services.authenticator
+    request["principal"] = ANONYMOUS
+    if authenticator is None or not request.path.startswith("/v2"):
+        return await handler(request)
+    realm = services.settings.auth.realm or f"{request.scheme}://{request.host}/token"
+    name, scope, action = _scope_for(request)
+    verified = await authenticator.verify_request(request.headers, realm, scope)
+    if name is not None and not verified.allows(name, action):
+        raise authenticator.unauthorized(
+            realm, scope, f"token does not grant {action} on {name}", "insufficient_scope"
+        )
+    mount_from = request.query.get("from") if request.method == "POST" else None
+    if mount_from and not verified.allows(mount_from, "pull"):
+        # Without pull on the source, a mount would copy a blob the client cannot read.
+        raise authenticator.unauthorized(
+            realm,
+            f"{scope} repository:{mount_from}:pull",
+            f"token does not grant pull on {mount_from}",
+            "insufficient_scope",
+        )
+    request["principal"] = verified.principal
+    return await handler(request)

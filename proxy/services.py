@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from cachetools import TTLCache
 
+from proxy.auth import Authenticator
+from proxy.principal import Principal
 from proxy.pull_through import PullThrough
 from proxy.push import Pusher
 from proxy.references import Repository
@@ -30,9 +32,20 @@ class Services:
     pull: PullThrough
     pusher: Pusher
     search: list[str]
+    authenticator: Authenticator | None = None
     recent_resolutions: TTLCache[str, Repository] = field(
         default_factory=lambda: TTLCache(maxsize=65536, ttl=RESOLUTION_MEMORY_SECONDS)
     )
+
+    def may(self, principal: Principal, action: str, name: str) -> bool:
+        """Whether policy could allow `action` on the repository a client calls `name`.
+
+        Used to cut token grants down; the registry side decides again per request.
+        """
+        return True
+
+    def observe_token(self, outcome: str) -> None:
+        """Count a token endpoint outcome."""
 
     @property
     def registries(self) -> frozenset[str]:

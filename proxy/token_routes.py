@@ -1,0 +1,97 @@
+"""The gate's token endpoint (`/token`): the Docker token spec, GET and OAuth2 POST.
+
+Bad credentials are a 401 with a Basic challenge (what clients expect from a token
+service); the body never repeats what was sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from proxy.auth import CredentialsInvalid, TokenGrant
+from proxy.principal import Principal
+from proxy.services import SERVICES, Services
+
+MAX_FORM_BYTES = 64 * 1024
+
+
+def _grant_body(grant: TokenGrant, oauth: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "token": grant.token,
+        "access_token": grant.token,
+        "expires_in": grant.expires_in,
+        "issued_at": grant.issued_at,
+    }
+    if oauth:
+        body["scope"] = " ".join(str(scope) for scope in grant.scopes)
+    if grant.refresh_token is not None:
+        body["refresh_token"] = grant.refresh_token
+    return body
+
+
+def _refused(services: Services, message: str) -> web.Response:
+    services.observe_token("refused")
+    return web.json_response(
+        {"errors": [{"code": "UNAUTHORIZED", "message": message}]},
+        status=401,
+        headers={"WWW-Authenticate": 'Basic realm="registry-gate"'},
+    )
+
+
+def _issue(
+    services: Services, principal: Principal, scopes: list[str], offline: bool, oauth: bool
+) -> web.Response:
+    assert services.authenticator is not None
+    grant = services.authenticator.grant(principal, scopes, services.may, offline=offline)
+    services.observe_token("anonymous" if principal.anonymous else "issued")
+    return web.json_response(_grant_body(grant, oauth))
+
+
+async def token_get(request: web.Request) -> web.Response:
+    """GET /token?service=&scope=... with optional Basic credentials."""
+    services = request.app[SERVICES]
+    if services.authenticator is None:
+        raise web.HTTPNotFound()
+    try:
+        principal = services.authenticator.principal_from_basic(
+            request.headers.get("Authorization")
+        )
+    except CredentialsInvalid as exc:
+        return _refused(services, str(exc))
+    offline = request.query.get("offline_token", "").lower() == "true"
+    return _issue(services, principal, request.query.getall("scope", []), offline, oauth=False)
+
+
+async def token_post(request: web.Request) -> web.Response:
+    """POST /token: OAuth2 `grant_type=password` or `refresh_token`."""
+    services = request.app[SERVICES]
+    authenticator = services.authenticator
+    if authenticator is None:
+        raise web.HTTPNotFound()
+    if (request.content_length or 0) > MAX_FORM_BYTES:
+        return _refused(services, "request too large")
+    form = await request.post()
+    grant_type = str(form.get("grant_type", ""))
+    try:
+        if grant_type == "password":
+            principal = authenticator.password_login(
+                str(form.get("username", "")), str(form.get("password", ""))
+            )
+        elif grant_type == "refresh_token":
+            principal = await authenticator.refresh_login(str(form.get("refresh_token", "")))
+        else:
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+    except CredentialsInvalid as exc:
+        return _refused(services, str(exc))
+    offline = str(form.get("access_type", "")) == "offline"
+    scopes = [str(form.get("scope", ""))]
+    response = _issue(services, principal, scopes, offline, oauth=True)
+    return response
+
+
+def add_token_routes(app: web.Application) -> None:
+    """Register the token endpoint."""
+    app.router.add_get("/token", token_get)
+    app.router.add_post("/token", token_post)
