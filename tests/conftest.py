@@ -1,0 +1,100 @@
+"""Pytest wiring for registry-gate's tests: markers and real-upstream fixtures.
+
+Owns fixture scopes and the skip-or-fail policy; what the upstreams contain and how
+they run lives in ``tests/support``. Session fixtures:
+
+- ``upstreams``: three seeded anonymous Distribution registries, ``.hub`` (stands in
+  for docker.io), ``.quay`` (quay.io) and ``.corp`` (registry.corp.example); see
+  ``tests/support/upstreams.py`` for what each holds.
+- ``token_upstream``: a registry behind Bearer auth with its in-process ``TokenIssuer``.
+- ``big_image``: ``gate/big:<N>m`` pushed to the hub on first use
+  (N from ``GATE_TEST_BIG_MB``, default 100).
+
+Function fixture ``registry_factory``: empty, private registries for tests that mutate.
+
+Missing ``docker-registry``/``skopeo`` skips those tests, except under ``CI=true``,
+where it fails them: CI must not pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+
+from tests.support.images import PushedRef
+from tests.support.registries import DistributionRegistry, RegistryFactory
+from tests.support.upstreams import (
+    TokenUpstream,
+    Upstreams,
+    missing_tools,
+    push_big_image,
+    start_token_upstream,
+    start_upstreams,
+)
+
+MARKERS = {
+    "e2e": "runs real clients (podman, containerd, skopeo) against the gate",
+    "slow": "takes more than a few seconds",
+    "bench": "measures throughput/latency; not a correctness test",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pyproject.toml may register them too; adding a name twice would list it twice.
+    known = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    for name, doc in MARKERS.items():
+        if name not in known:
+            config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_tools() -> None:
+    missing = missing_tools()
+    if not missing:
+        return
+    reason = "real upstream registries need: " + ", ".join(missing)
+    if in_ci():
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
+    require_tools()
+    with ExitStack() as stack:
+        yield start_upstreams(tmp_path_factory.mktemp("upstreams"), stack)
+
+
+@pytest.fixture(scope="session")
+def token_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenUpstream]:
+    require_tools()
+    with ExitStack() as stack:
+        yield start_token_upstream(tmp_path_factory.mktemp("token-upstream"), stack)
+
+
+@pytest.fixture(scope="session")
+def big_image(upstreams: Upstreams) -> PushedRef:
+    mib = int(os.environ.get("GATE_TEST_BIG_MB", "100"))
+    return push_big_image(upstreams.hub, upstreams.layout, mib)
+
+
+@pytest.fixture
+def registry_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryFactory]:
+    """``registry_factory(name="x", token_auth=None, ...)`` -> a started, empty registry,
+    stopped after the test."""
+    require_tools()
+    with ExitStack() as stack:
+
+        def make(name: str = "scratch", **kwargs: Any) -> DistributionRegistry:
+            reg = DistributionRegistry(tmp_path_factory.mktemp(name), name=name, **kwargs)
+            stack.callback(reg.stop)
+            return reg.start()
+
+        yield make

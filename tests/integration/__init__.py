@@ -1,0 +1,1 @@
+"""Integration tests that run against real upstream registries."""

@@ -1,0 +1,1 @@
+"""Test-support layer: real upstream registries, token issuer, deterministic images."""
