@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy import client_config
 from proxy.app import build_app
 from proxy.settings import ConfigError, Settings, host_port, load_settings
 
@@ -25,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="gate.yaml (default: embedded default)")
     check = commands.add_parser("check-config", help="validate a configuration and exit")
     check.add_argument("--config", type=Path, required=True)
+    client = commands.add_parser("client-config", help="print client configuration")
+    client.add_argument("client", choices=["docker", "containerd", "podman"])
+    client.add_argument("--url", required=True, help="the gate's URL, e.g. http://gate:5000")
+    client.add_argument("--config", type=Path, help="gate.yaml (registries to list)")
     return parser
 
 
@@ -43,12 +48,31 @@ def serve(settings: Settings) -> None:
     web.run_app(build_app(settings), host=host, port=port, print=None, access_log=None)
 
 
+def _client_config(client: str, url: str, config: Path | None) -> int:
+    settings = _load(config)
+    registries = [u.registry for u in settings.upstreams]
+    try:
+        if client == "docker":
+            files = client_config.docker(url)
+        elif client == "containerd":
+            files = client_config.containerd(url, registries)
+        else:
+            files = client_config.podman(url, registries, registries)
+    except ValueError as exc:
+        print(f"registry-gate: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(client_config.render(files))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
         serve(_load(args.config))
         return 0
+    if args.command == "client-config":
+        return _client_config(args.client, args.url, args.config)
     if args.command == "check-config":
         settings = _load(args.config)
         print(f"ok: {len(settings.upstreams)} upstreams, listen {settings.listen}")
