@@ -11,9 +11,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy import __version__
+from proxy.audit import AuditLog
 from proxy.auth import Authenticator
 from proxy.credentials import UserDirectory
+from proxy.metrics import Metrics
 from proxy.middleware import auth_middleware, error_middleware
+from proxy.operator_routes import add_operator_routes
 from proxy.pull_through import PullThrough
 from proxy.push import Pusher
 from proxy.routes import add_routes
@@ -31,7 +35,8 @@ MAX_HEADER_SIZE = 16 * 1024
 
 def build_services(settings: Settings) -> Services:
     """Create (not yet start) every service from validated settings."""
-    clients = {u.registry: UpstreamClient(u) for u in settings.upstreams}
+    metrics = Metrics(version=__version__)
+    clients = {u.registry: UpstreamClient(u, metrics) for u in settings.upstreams}
     search = [u.registry for u in settings.upstreams]
     # Replicas that share upload sessions must share this secret (settings.upload_secret).
     secret = (settings.upload_secret or secrets.token_hex(32)).encode()
@@ -41,6 +46,8 @@ def build_services(settings: Settings) -> Services:
         pull=PullThrough(clients),
         pusher=Pusher(clients, UploadSealer(secret)),
         search=search,
+        metrics=metrics,
+        audit=AuditLog.from_settings(settings.audit, metrics=metrics),
         authenticator=build_authenticator(settings) if settings.auth.mode == "token" else None,
     )
 
@@ -84,6 +91,12 @@ async def _upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.close()
 
 
+async def _audit_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    # Closed after the handlers finish, so the queue drains every record they wrote.
+    async with app[SERVICES].audit:
+        yield
+
+
 def build_app(settings: Settings, services: Services | None = None) -> web.Application:
     """The aiohttp application for these settings."""
     app = web.Application(
@@ -92,7 +105,17 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
         client_max_size=4 * 1024 * 1024,
     )
     app[SERVICES] = services or build_services(settings)
+    app.cleanup_ctx.append(_audit_lifecycle)
     app.cleanup_ctx.append(_upstream_lifecycle)
     add_routes(app)
     add_token_routes(app)
+    add_operator_routes(app, metrics_here=settings.metrics.enabled and not settings.metrics.listen)
+    return app
+
+
+def build_metrics_app(services: Services) -> web.Application:
+    """The `/metrics` app for a separate listen address."""
+    app = web.Application()
+    app[SERVICES] = services
+    add_operator_routes(app, metrics_here=True, health=False)
     return app

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,10 +13,13 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy import client_config
-from proxy.app import build_app
+from proxy.app import build_app, build_metrics_app, build_services
+from proxy.logging_setup import configure_logging
+from proxy.services import Services
 from proxy.settings import ConfigError, Settings, host_port, load_settings
 
 EXIT_CONFIG = 2
+log = logging.getLogger("registry_gate")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,19 +38,50 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_error(exc: ConfigError) -> SystemExit:
+    print(f"registry-gate: configuration error: {exc}", file=sys.stderr)
+    return SystemExit(EXIT_CONFIG)
+
+
 def _load(path: Path | None) -> Settings:
     try:
         return load_settings(path)
     except ConfigError as exc:
-        print(f"registry-gate: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from exc
+        raise _config_error(exc) from exc
 
 
 def serve(settings: Settings) -> None:
     """Run the gate until interrupted."""
-    logging.basicConfig(level=settings.log_level.upper())
-    host, port = host_port(settings.listen)
-    web.run_app(build_app(settings), host=host, port=port, print=None, access_log=None)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        # Building reads what the settings name (passwords, keys, htpasswd).
+        services = build_services(settings)
+    except ConfigError as exc:
+        raise _config_error(exc) from exc
+    asyncio.run(_serve(settings, services))
+
+
+async def _serve(settings: Settings, services: Services) -> None:
+    runners: list[web.AppRunner] = []
+    apps = [(build_app(settings, services), settings.listen)]
+    if settings.metrics.enabled and settings.metrics.listen:
+        apps.append((build_metrics_app(services), settings.metrics.listen))
+    for app, listen in apps:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = host_port(listen)
+        await web.TCPSite(runner, host, port).start()
+        runners.append(runner)
+    log.info("registry-gate listening on %s", settings.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
 
 
 def _client_config(client: str, url: str, config: Path | None) -> int:

@@ -16,6 +16,7 @@ from aiohttp import web
 from proxy.addressing import parse_v2_path
 from proxy.auth import METHOD_ACTIONS
 from proxy.errors import RegistryError
+from proxy.logging_setup import request_id_bound
 from proxy.principal import ANONYMOUS
 from proxy.services import SERVICES
 
@@ -47,13 +48,40 @@ def request_id_of(request: web.Request) -> str:
     return value if isinstance(value, str) else "-"
 
 
+def route_label(request: web.Request) -> str:
+    """A bounded label for the endpoint of a request (never a name or digest)."""
+    path = request.path
+    if path in ("/v2", "/v2/"):
+        return "v2"
+    if path.startswith("/v2/"):
+        route = parse_v2_path(path[4:])
+        return route.kind if route is not None else "unknown"
+    if path in ("/token", "/metrics", "/healthz", "/readyz"):
+        return path[1:]
+    return "other"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Assign a request id, render errors as OCI JSON, stamp the API version header."""
+    """Assign a request id, render errors as OCI JSON, count the request."""
     incoming = request.headers.get("X-Request-Id", "")
     request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else ""
     request["request_id"] = request_id or uuid.uuid4().hex
-    request["started"] = time.monotonic()
+    started = time.monotonic()
+    with request_id_bound(request["request_id"]):
+        response = await _render_errors(request, handler)
+    metrics = request.app[SERVICES].metrics
+    metrics.observe_request(
+        route_label(request), request.method, response.status, time.monotonic() - started
+    )
+    if response.status == 403:
+        metrics.observe_denial(
+            METHOD_ACTIONS.get(request.method, "pull"), request.headers.get("User-Agent")
+        )
+    return response
+
+
+async def _render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except RegistryError as error:

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from cachetools import TTLCache
 
+from proxy.audit import AuditLog
 from proxy.auth import Authenticator
+from proxy.metrics import Metrics
 from proxy.principal import Principal
 from proxy.pull_through import PullThrough
 from proxy.push import Pusher
@@ -32,6 +34,8 @@ class Services:
     pull: PullThrough
     pusher: Pusher
     search: list[str]
+    metrics: Metrics
+    audit: AuditLog
     authenticator: Authenticator | None = None
     recent_resolutions: TTLCache[str, Repository] = field(
         default_factory=lambda: TTLCache(maxsize=65536, ttl=RESOLUTION_MEMORY_SECONDS)
@@ -46,6 +50,7 @@ class Services:
 
     def observe_token(self, outcome: str) -> None:
         """Count a token endpoint outcome."""
+        self.metrics.token_requests.labels(outcome).inc()
 
     @property
     def registries(self) -> frozenset[str]:

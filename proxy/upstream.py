@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import ssl
 import time
@@ -78,11 +77,13 @@ _PASS_THROUGH_CODES = frozenset(
 class UpstreamObserver(Protocol):
     """Receives what the upstream client sees, for metrics."""
 
-    def upstream_response(self, upstream: str, method: str, status: str, seconds: float) -> None:
-        """One upstream exchange finished (status is the HTTP status or a failure name)."""
+    def observe_upstream(
+        self, upstream: str, method: str, status: int | None, seconds: float
+    ) -> None:
+        """One upstream exchange finished (status None: no response)."""
 
-    def upstream_ratelimit(self, upstream: str, remaining: float) -> None:
-        """The upstream reported its remaining pull allowance (Docker Hub)."""
+    def observe_ratelimit(self, upstream: str, remaining_header: str | None) -> None:
+        """The upstream sent Docker Hub's `ratelimit-remaining` header."""
 
 
 class PassThroughError(RegistryError):
@@ -250,7 +251,7 @@ class UpstreamClient:
                 realm, params=query, headers=headers, allow_redirects=False
             ) as response:
                 body = await _read_capped(response, MAX_TOKEN_RESPONSE)
-                self._observe("GET", str(response.status), started)
+                self._observe("GET", response.status, started)
                 if response.status in (401, 403):
                     raise Denied(f"token service of upstream {self.name} refused the credentials")
                 if response.status != 200:
@@ -258,10 +259,10 @@ class UpstreamClient:
                         f"token service of upstream {self.name} answered {response.status}"
                     )
         except aiohttp.ClientError as exc:
-            self._observe("GET", "error", started)
+            self._observe("GET", None, started)
             raise UpstreamUnavailable(f"token service of upstream {self.name} failed") from exc
         except TimeoutError as exc:
-            self._observe("GET", "timeout", started)
+            self._observe("GET", None, started)
             raise UpstreamTimeout(f"token service of upstream {self.name} timed out") from exc
         try:
             document = json.loads(body)
@@ -295,15 +296,14 @@ class UpstreamClient:
 
     # --- requests --------------------------------------------------------------------
 
-    def _observe(self, method: str, status: str, started: float) -> None:
+    def _observe(self, method: str, status: int | None, started: float) -> None:
         if self._observer is not None:
-            self._observer.upstream_response(self.name, method, status, time.monotonic() - started)
+            self._observer.observe_upstream(self.name, method, status, time.monotonic() - started)
 
     def _note_ratelimit(self, headers: Mapping[str, str]) -> None:
         value = headers.get("ratelimit-remaining")
         if value and self._observer is not None:
-            with contextlib.suppress(ValueError):
-                self._observer.upstream_ratelimit(self.name, float(value.split(";", 1)[0]))
+            self._observer.observe_ratelimit(self.name, value)
 
     async def request(
         self,
@@ -359,12 +359,12 @@ class UpstreamClient:
                 method, url, headers=outgoing, data=data, allow_redirects=False
             )
         except TimeoutError as exc:
-            self._observe(method, "timeout", started)
+            self._observe(method, None, started)
             raise UpstreamTimeout(f"upstream {self.name} timed out") from exc
         except aiohttp.ClientError as exc:
-            self._observe(method, "error", started)
+            self._observe(method, None, started)
             raise UpstreamUnavailable(f"upstream {self.name} is unreachable") from exc
-        self._observe(method, str(response.status), started)
+        self._observe(method, response.status, started)
         self._note_ratelimit(response.headers)
         return response
 
@@ -401,14 +401,14 @@ class UpstreamClient:
                     method, target, headers=outgoing, allow_redirects=False
                 )
             except TimeoutError as exc:
-                self._observe(method, "timeout", started)
+                self._observe(method, None, started)
                 raise UpstreamTimeout(f"redirect target of upstream {self.name} timed out") from exc
             except aiohttp.ClientError as exc:
-                self._observe(method, "error", started)
+                self._observe(method, None, started)
                 raise UpstreamUnavailable(
                     f"redirect target of upstream {self.name} is unreachable"
                 ) from exc
-            self._observe(method, str(response.status), started)
+            self._observe(method, response.status, started)
             if response.status not in _REDIRECTS:
                 return response
         response.release()

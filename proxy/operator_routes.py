@@ -1,0 +1,41 @@
+"""Operator endpoints: `/metrics`, `/healthz` (the process answers) and `/readyz`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.services import SERVICES
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition of the gate's private registry."""
+    body, content_type = request.app[SERVICES].metrics.render(request.headers.get("Accept"))
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the audit log can be written (a gate that cannot audit must not serve)."""
+    services = request.app[SERVICES]
+    problems: dict[str, str] = {}
+    if services.audit.last_error is not None:
+        problems["audit"] = services.audit.last_error
+    status = 503 if problems else 200
+    return web.json_response(
+        {"status": "ready" if not problems else "unready", **problems}, status=status
+    )
+
+
+def add_operator_routes(app: web.Application, *, metrics_here: bool, health: bool = True) -> None:
+    """Register the operator endpoints on an app."""
+    if metrics_here:
+        app.router.add_get("/metrics", metrics)
+    if health:
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)

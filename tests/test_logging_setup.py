@@ -1,0 +1,156 @@
+"""Logging: JSON and text formats, request ids, and credentials that never reach a log."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.logging_setup import (
+    REDACTED,
+    configure_logging,
+    current_request_id,
+    redact_headers,
+    request_id_bound,
+)
+
+
+@pytest.fixture
+def capture() -> Iterator[tuple[io.StringIO, logging.Logger]]:
+    """A stream the gate's handler writes to; the root logger is restored afterwards."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    stream = io.StringIO()
+    yield stream, logging.getLogger("proxy.test")
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_carry_the_fixed_fields_and_extras(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    stream, log = capture
+    configure_logging("info", "json", stream)
+    log.info("fetched %s", "manifest", extra={"upstream": "docker.io", "bytes": 529})
+    log.debug("not shown at info")
+    (line,) = lines(stream)
+    assert line["message"] == "fetched manifest"
+    assert line["level"] == "info" and line["logger"] == "proxy.test"
+    assert str(line["time"]).endswith("Z")
+    assert line["upstream"] == "docker.io" and line["bytes"] == 529
+    assert "request_id" not in line
+
+
+def test_extras_never_replace_the_fixed_fields(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    stream, log = capture
+    configure_logging("info", "json", stream)
+    log.warning("real", extra={"level": "fake", "logger": "fake"})
+    (line,) = lines(stream)
+    assert (line["level"], line["logger"]) == ("warning", "proxy.test")
+
+
+async def test_the_request_id_follows_the_task(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    stream, log = capture
+    configure_logging("info", "json", stream)
+
+    async def handle(request_id: str) -> None:
+        with request_id_bound(request_id):
+            await asyncio.sleep(0)
+            log.info("handled")
+            assert current_request_id() == request_id
+
+    await asyncio.gather(handle("r-1"), handle("r-2"))
+    log.info("outside")
+    assert sorted(str(line.get("request_id")) for line in lines(stream)) == [
+        "None",
+        "r-1",
+        "r-2",
+    ]
+    assert current_request_id() is None
+
+
+def test_exceptions_are_one_json_line(capture: tuple[io.StringIO, logging.Logger]) -> None:
+    stream, log = capture
+    configure_logging("info", "json", stream)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed")
+    (line,) = lines(stream)
+    assert "ValueError: boom" in str(line["exc"])
+
+
+def test_text_format(capture: tuple[io.StringIO, logging.Logger]) -> None:
+    stream, log = capture
+    configure_logging("debug", "text", stream)
+    with request_id_bound("abc"):
+        log.debug("cache hit", extra={"kind": "blob", "note": "two words"})
+    text = stream.getvalue().strip()
+    assert ' DEBUG proxy.test [abc] cache hit kind=blob note="two words"' in text
+
+
+def test_configuring_twice_replaces_the_handler(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    stream, log = capture
+    configure_logging("info", "json", stream)
+    configure_logging("info", "json", stream)
+    log.info("once")
+    assert len(lines(stream)) == 1
+
+
+def test_redact_headers_keeps_the_scheme_and_drops_credentials() -> None:
+    headers = CIMultiDict(
+        [
+            ("Authorization", "Bearer eyJhbGciOi.payload.sig"),
+            ("Proxy-Authorization", "Basic dXNlcjpwYXNz"),
+            ("Cookie", "session=1"),
+            ("X-Registry-Auth", "eyJ1c2VybmFtZSI6ImEifQ=="),
+            ("X-Api-Token", "t0ken"),
+            ("Accept", "application/vnd.oci.image.index.v1+json"),
+            ("Accept", "application/vnd.oci.image.manifest.v1+json"),
+            ("User-Agent", "docker/26.1"),
+        ]
+    )
+    safe = redact_headers(headers)
+    assert safe["Authorization"] == f"Bearer {REDACTED}"
+    assert safe["Proxy-Authorization"] == f"Basic {REDACTED}"
+    assert safe["Cookie"] == safe["X-Registry-Auth"] == safe["X-Api-Token"] == REDACTED
+    assert safe["Accept"] == (
+        "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
+    )
+    assert safe["User-Agent"] == "docker/26.1"
+    assert redact_headers({"authorization": "garbage"})["authorization"] == REDACTED
+
+
+def test_credentials_in_extras_are_redacted(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    stream, log = capture
+    configure_logging("info", "json", stream)
+    log.info(
+        "upstream answered",
+        extra={
+            "headers": {"Authorization": "Bearer secret-token", "Docker-Content-Digest": "d"},
+            "password": "hunter2",
+            "token_ttl": 300,
+        },
+    )
+    text = stream.getvalue()
+    assert "secret-token" not in text and "hunter2" not in text
+    (line,) = lines(stream)
+    assert line["headers"] == {"Authorization": f"Bearer {REDACTED}", "Docker-Content-Digest": "d"}
+    assert line["token_ttl"] == 300
