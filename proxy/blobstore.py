@@ -21,15 +21,16 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import inspect
 import logging
 import os
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from proxy.errors import DigestInvalid
 from proxy.references import validate_digest
@@ -45,6 +46,11 @@ HASH_CHUNK = 1024 * 1024
 ACCESS_PERSIST_INTERVAL = 300.0
 _ALGORITHMS = ("sha256", "sha512")
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
+
+
+# Told about each evicted blob (digest, size): metrics, and forgetting which repositories
+# held it. May be a coroutine function.
+EvictHook = Callable[[str, int], Awaitable[None] | None]
 
 
 class StorageLocked(RuntimeError):
@@ -103,9 +109,9 @@ class BlobWriter(Protocol):
     def open_reader(self) -> BlobReader:
         """A reader of what has been written so far (it sees later writes too).
 
-        Synchronous so a caller can check the fill's state and open a reader with no
-        suspension point between; valid until `commit` or `abort` has returned, and the
-        reader keeps working after them.
+        Synchronous, so a caller can check the fill's state and open a reader with no
+        suspension point between. Once `commit` has published, it reads the published
+        blob; once the fill is discarded it raises ValueError. A reader outlives both.
         """
         ...
 
@@ -162,7 +168,7 @@ class _ThreadedFd:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._pending: asyncio.Future[object] | None = None
+        self._pending: asyncio.Future[Any] | None = None
 
     @property
     def closed(self) -> bool:
@@ -172,13 +178,14 @@ class _ThreadedFd:
         if self.fd < 0:
             raise ValueError("file descriptor is closed")
         future = asyncio.get_running_loop().run_in_executor(None, fn, self.fd)
-        self._pending = future  # type: ignore[assignment]
+        self._pending = future
         return await asyncio.shield(future)
 
     async def close(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
-            await asyncio.wait([pending])
+            if not pending.done():
+                await asyncio.wait([pending])
             if not pending.cancelled():
                 # Retrieved so a failure nobody awaited (the caller was cancelled) is not
                 # reported as "never retrieved".
@@ -216,7 +223,7 @@ class FilesystemBlobStore:
         max_size: int,
         *,
         protected: Callable[[], Collection[str]] | None = None,
-        on_evict: Callable[[str, int], None] | None = None,
+        on_evict: EvictHook | None = None,
     ) -> None:
         self.root = root
         self.max_size = max_size
@@ -405,7 +412,9 @@ class FilesystemBlobStore:
                 )
         if self._on_evict is not None:
             for digest, size in victims:
-                self._on_evict(digest, size)
+                result = self._on_evict(digest, size)
+                if inspect.isawaitable(result):
+                    await result
         return victims
 
     async def verify(self, *, remove: bool = False) -> list[str]:
@@ -445,6 +454,7 @@ class _FilesystemBlobWriter:
         self._path = path
         self._written = 0
         self._finished = False
+        self._committed = False
 
     @property
     def digest(self) -> str:
@@ -470,9 +480,13 @@ class _FilesystemBlobWriter:
         self._written += len(chunk)
 
     def open_reader(self) -> BlobReader:
-        if self._fd.closed:
-            raise ValueError("the fill is finished; read the published blob")
-        return _FdReader(os.dup(self._fd.fd))
+        if not self._fd.closed:
+            return _FdReader(os.dup(self._fd.fd))
+        if not self._committed:
+            raise ValueError("the fill was aborted")
+        # Only in the moment between publishing and the coordinator noticing it: one
+        # open of a local file, not worth a thread hop.
+        return _FdReader(os.open(self._store.blob_path(self._digest), os.O_RDONLY))
 
     async def commit(self, expected_size: int | None = None) -> None:
         if self._finished:
@@ -492,11 +506,11 @@ class _FilesystemBlobWriter:
         await self._store._wait_removal(self._digest)
         final = self._store.blob_path(self._digest)
         try:
-            await self._fd.call(lambda fd: _make_durable(fd, self._path, final))
+            await self._fd.call(lambda fd: make_durable(fd, self._path, final))
         except BaseException:
             await self.abort()
             raise
-        self._finished = True
+        self._finished = self._committed = True
         await self._fd.close()
         await self._store._publish(self._digest, self._written)
 
@@ -509,7 +523,8 @@ class _FilesystemBlobWriter:
             await asyncio.to_thread(self._path.unlink)
 
 
-def _make_durable(fd: int, temp: Path, final: Path) -> None:
+def make_durable(fd: int, temp: Path, final: Path) -> None:
+    """Flush a complete temp file, rename it into place, and flush the directory entry."""
     os.fsync(fd)
     os.replace(temp, final)
     _fsync_dir(final.parent)
