@@ -6,6 +6,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,8 @@ from aiohttp import web
 from proxy import __version__
 from proxy.audit import AuditLog
 from proxy.auth import Authenticator
+from proxy.cache import Cache
+from proxy.circuit import CircuitBreaker
 from proxy.credentials import UserDirectory
 from proxy.metrics import Metrics
 from proxy.middleware import auth_middleware, error_middleware
@@ -36,14 +39,21 @@ MAX_HEADER_SIZE = 16 * 1024
 def build_services(settings: Settings) -> Services:
     """Create (not yet start) every service from validated settings."""
     metrics = Metrics(version=__version__)
-    clients = {u.registry: UpstreamClient(u, metrics) for u in settings.upstreams}
+    clients = {
+        u.registry: UpstreamClient(
+            u,
+            metrics,
+            breaker=CircuitBreaker(on_change=partial(metrics.set_circuit_state, u.registry)),
+        )
+        for u in settings.upstreams
+    }
     search = [u.registry for u in settings.upstreams]
     # Replicas that share upload sessions must share this secret (settings.upload_secret).
     secret = (settings.upload_secret or secrets.token_hex(32)).encode()
     return Services(
         settings=settings,
         clients=clients,
-        pull=PullThrough(clients),
+        pull=PullThrough(clients, metrics=metrics),
         pusher=Pusher(clients, UploadSealer(secret)),
         search=search,
         metrics=metrics,
@@ -91,6 +101,16 @@ async def _upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.close()
 
 
+async def _cache_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    pull = services.pull
+    pull.cache = await Cache.open(
+        services.settings.storage, services.metrics, on_fill_finished=pull.fill_finished
+    )
+    yield
+    await pull.cache.close()
+
+
 async def _audit_lifecycle(app: web.Application) -> AsyncIterator[None]:
     # Closed after the handlers finish, so the queue drains every record they wrote.
     async with app[SERVICES].audit:
@@ -106,6 +126,7 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     )
     app[SERVICES] = services or build_services(settings)
     app.cleanup_ctx.append(_audit_lifecycle)
+    app.cleanup_ctx.append(_cache_lifecycle)
     app.cleanup_ctx.append(_upstream_lifecycle)
     add_routes(app)
     add_token_routes(app)

@@ -119,6 +119,9 @@ class BlobWriter(Protocol):
 class BlobStore(Protocol):
     """A content-addressed blob cache shared by all upstreams and repositories."""
 
+    async def close(self) -> None:
+        """Release the store (files, locks, connections)."""
+
     async def path_for(self, digest: str) -> Path | None:
         """A local path of the published blob (for zero-copy sending), counting as an
         access; None when not cached or when the backend has no local files."""

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _PARAM_RE = re.compile(rf'\s*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|({_TOKEN}))\s*,?')
-_SCHEME_RE = re.compile(rf"\s*({_TOKEN})(?:\s+|$)")
+# A scheme ends at whitespace, a comma (a challenge without parameters, e.g.
+# `Negotiate, Bearer realm=...`) or the end of the header.
+_SCHEME_RE = re.compile(rf"\s*({_TOKEN})(?=[\s,]|$)\s*")
 
 
 @dataclass(frozen=True, slots=True)

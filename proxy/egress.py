@@ -47,6 +47,9 @@ def _is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
         or address.is_reserved
         or address.is_multicast
         or address.is_unspecified
+        # Shared address space (100.64.0.0/10, cloud metadata at 100.100.100.200) and
+        # other ranges that are neither private nor public.
+        or not address.is_global
     )
 
 
@@ -110,6 +113,10 @@ class EgressPolicy:
             raise EgressRefused(f"refusing a downgrade from https to http ({host})")
         if parts.username or parts.password:
             raise EgressRefused(f"URL carries credentials ({host})")
+        try:
+            port = parts.port or 443
+        except ValueError as exc:
+            raise EgressRefused(f"invalid port in URL ({host})") from exc
         if not self._name_allowed(host):
             raise EgressRefused(f"host {host} is not allowed for upstream {self.upstream_host}")
         if self.internal_ok:
@@ -120,7 +127,7 @@ class EgressPolicy:
         elif host == "localhost":
             raise EgressRefused("refusing localhost for a non-local upstream")
         else:
-            addresses = await _resolve(host, parts.port or 443)
+            addresses = await _resolve(host, port)
         for address in addresses:
             if _is_internal(address):
                 raise EgressRefused(f"host {host} resolves to an internal address")

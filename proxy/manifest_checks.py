@@ -79,7 +79,7 @@ def inspect_manifest(
     media_type = bare_media_type(content_type)
     try:
         document = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: `[[[[...` nested deep
         raise UpstreamUnavailable(f"upstream {upstream} sent a manifest that is not JSON") from exc
     if not isinstance(document, dict):
         raise UpstreamUnavailable(f"upstream {upstream} sent a manifest that is not an object")
@@ -101,9 +101,10 @@ def inspect_manifest(
     if isinstance(config, dict) and "digest" in config:
         blobs += (str(config["digest"]),)
     blobs += _descriptor_digests(document.get("layers"))
+    fs_layers = document.get("fsLayers")
     blobs += tuple(
         str(layer["blobSum"])
-        for layer in document.get("fsLayers", [])
+        for layer in (fs_layers if isinstance(fs_layers, list) else [])
         if isinstance(layer, dict) and "blobSum" in layer
     )
     children = _descriptor_digests(document.get("manifests"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import IntEnum
 from importlib import metadata
 
 from prometheus_client import (
@@ -26,6 +25,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+
+from proxy.circuit import CircuitState
 
 # Manifests answer in milliseconds, cold blob fills in minutes: the buckets span both.
 LATENCY_BUCKETS = (
@@ -51,14 +52,6 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 DEFAULT_RULE = "default"
 _RATELIMIT = re.compile(r"\s*(\d+)\s*(?:;(.*))?")
 _WINDOW = re.compile(r"(?:^|;)\s*w\s*=\s*(\d+)\s*(?:;|$)")
-
-
-class CircuitState(IntEnum):
-    """The value of `registry_gate_circuit_breaker_state`."""
-
-    CLOSED = 0
-    HALF_OPEN = 1
-    OPEN = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,15 +8,22 @@ the gate, referrers with a fallback for upstreams that lack the API.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.cache import Cache
+from proxy.errors import ServiceUnavailable, UpstreamTimeout, UpstreamUnavailable
+from proxy.manifest_cache import TagEntry
 from proxy.manifest_checks import MAX_MANIFEST_SIZE, ManifestInfo, inspect_manifest
+from proxy.metrics import Metrics
 from proxy.references import Repository, is_digest, validate_digest
+from proxy.singleflight import StreamedBlob, UpstreamBlob
 from proxy.upstream import UpstreamClient, read_capped
 
 EMPTY_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -26,10 +33,12 @@ STREAM_CHUNK = 256 * 1024
 
 @dataclass(frozen=True, slots=True)
 class ManifestResult:
-    """A manifest ready to serve (body None for HEAD)."""
+    """A manifest ready to serve (body None for HEAD) and where it came from."""
 
     info: ManifestInfo
     body: bytes | None
+    source: str = "upstream"
+    stale: str | None = None  # why a stale tag was served (upstream failure), if it was
 
 
 @dataclass(slots=True)
@@ -48,17 +57,122 @@ def _accept_headers(accept: Sequence[str]) -> CIMultiDict[str]:
     return headers
 
 
-class PullThrough:
-    """Serves pulls for one set of upstream clients."""
+def accepts(media_type: str, accept: Sequence[str]) -> bool:
+    """Whether a client's Accept lines admit a manifest media type."""
+    offered = {item.split(";", 1)[0].strip().lower() for line in accept for item in line.split(",")}
+    offered.discard("")
+    return not offered or "*/*" in offered or media_type in offered
 
-    def __init__(self, clients: dict[str, UpstreamClient]) -> None:
+
+_STALE_OK_ERRORS = (UpstreamUnavailable, UpstreamTimeout, ServiceUnavailable)
+
+
+class PullThrough:
+    """Serves pulls for one set of upstream clients, through the cache."""
+
+    def __init__(
+        self,
+        clients: dict[str, UpstreamClient],
+        cache: Cache | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.clients = clients
+        self.cache = cache
+        self.metrics = metrics
+        self.fill_upstreams: dict[str, str] = {}
 
     def client(self, repository: Repository) -> UpstreamClient:
         """The upstream client for a (located, configured) repository."""
         return self.clients[repository.registry]
 
+    def _count(self, kind: str, hit: bool) -> None:
+        if self.metrics is not None:
+            (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(kind).inc()
+
+    def fill_finished(self, digest: str, outcome: str, received: int) -> None:
+        """Fill observer: count digest mismatches against the upstream that sent them."""
+        upstream = self.fill_upstreams.pop(digest, "unknown")
+        if self.metrics is not None and outcome == "digest_mismatch":
+            self.metrics.digest_mismatches.labels(upstream).inc()
+
+    # --- manifests ---------------------------------------------------------------------
+
     async def manifest(
+        self, repository: Repository, reference: str, accept: Sequence[str], *, head: bool
+    ) -> ManifestResult:
+        """A manifest by tag or digest: from cache when fresh, else upstream (and cached)."""
+        if self.cache is None:
+            return await self._fetch_manifest(repository, reference, accept, head=head)
+        if is_digest(reference):
+            cached = await self._cached_manifest(repository, reference, accept)
+            if cached is not None:
+                self._count("manifest", True)
+                return cached if not head else ManifestResult(cached.info, None, "cache")
+            self._count("manifest", False)
+            if head:
+                return await self._fetch_manifest(repository, reference, accept, head=True)
+            return await self._fetch_and_store(repository, reference, accept)
+        return await self._manifest_by_tag(repository, reference, accept, head=head)
+
+    async def _cached_manifest(
+        self, repository: Repository, digest: str, accept: Sequence[str]
+    ) -> ManifestResult | None:
+        assert self.cache is not None
+        # Served for this repository only when it is known to hold the manifest.
+        if not await self.cache.repositories.holds(repository, digest):
+            return None
+        cached = await self.cache.manifests.get(digest)
+        if cached is None or not accepts(cached.media_type, accept):
+            return None
+        info = inspect_manifest(cached.body, cached.media_type, digest, "cache")
+        return ManifestResult(info, cached.body, "cache")
+
+    async def _manifest_by_tag(
+        self, repository: Repository, tag: str, accept: Sequence[str], *, head: bool
+    ) -> ManifestResult:
+        assert self.cache is not None
+        now = time.time()
+        entry = await self.cache.tags.get(repository, tag)
+        if entry is not None and entry.fresh(now, self.cache.tag_ttl):
+            cached = await self._cached_manifest(repository, entry.digest, accept)
+            if cached is not None:
+                self._count("tag", True)
+                return cached if not head else ManifestResult(cached.info, None, "cache")
+        self._count("tag", False)
+        try:
+            # HEAD first: it does not count against Docker Hub's pull limit, and a digest
+            # already cached needs no GET at all.
+            probe = await self._fetch_manifest(repository, tag, accept, head=True)
+        except _STALE_OK_ERRORS as error:
+            if entry is not None and entry.stale_ok(now, self.cache.stale_limit):
+                cached = await self._cached_manifest(repository, entry.digest, accept)
+                if cached is not None:
+                    return ManifestResult(
+                        cached.info, None if head else cached.body, "stale", error.message
+                    )
+            raise
+        digest = probe.info.digest
+        await self.cache.tags.put(repository, tag, TagEntry(digest, probe.info.media_type, now))
+        cached = await self._cached_manifest(repository, digest, accept)
+        if cached is not None:
+            return cached if not head else ManifestResult(cached.info, None, "cache")
+        if head and probe.body is None:
+            return probe
+        return await self._fetch_and_store(repository, digest, accept, head=head)
+
+    async def _fetch_and_store(
+        self, repository: Repository, digest: str, accept: Sequence[str], *, head: bool = False
+    ) -> ManifestResult:
+        assert self.cache is not None
+        result = await self._fetch_manifest(repository, digest, accept, head=False)
+        assert result.body is not None
+        await self.cache.manifests.put(result.info.digest, result.info.media_type, result.body)
+        await self.cache.repositories.record(
+            repository, (result.info.digest, *result.info.blobs, *result.info.children)
+        )
+        return ManifestResult(result.info, None if head else result.body)
+
+    async def _fetch_manifest(
         self, repository: Repository, reference: str, accept: Sequence[str], *, head: bool
     ) -> ManifestResult:
         """Fetch a manifest (HEAD: only its digest/type/size) and verify it."""
@@ -93,10 +207,81 @@ class PullThrough:
         )
         return ManifestResult(info, None if head else body)
 
+    async def blob_size(self, repository: Repository, digest: str) -> int:
+        """A blob HEAD: the size from cache when held, else an upstream HEAD (no GET)."""
+        if self.cache is not None and await self.cache.repositories.holds(repository, digest):
+            size = await self.cache.blobs.stat(digest)
+            if size is not None:
+                self._count("blob", True)
+                return size
+        response = await self._upstream_blob(repository, digest, "HEAD")
+        response.release()
+        length = response.headers.get("Content-Length", "")
+        if not length.isdigit():
+            raise UpstreamUnavailable(f"upstream {repository.registry} sent no blob length")
+        if self.cache is not None:
+            await self.cache.repositories.record(repository, (digest,))
+        return int(length)
+
+    async def ensure_held(self, repository: Repository, digest: str) -> None:
+        """Make sure `repository` holds `digest` before a cached copy is served for it.
+
+        Known from a manifest fetched for it, or confirmed by a HEAD to its upstream, so a
+        blob cached (or being filled) through another repository cannot leak across
+        repositories or upstreams.
+        """
+        if self.cache is None or await self.cache.repositories.holds(repository, digest):
+            return
+        # Also when not cached yet: a fill started for another repository may be running,
+        # and joining it must not skip this repository's own upstream check.
+        response = await self._upstream_blob(repository, digest, "HEAD")
+        response.release()
+        await self.cache.repositories.record(repository, (digest,))
+
+    async def cached_blob(self, repository: Repository, digest: str) -> Path | None:
+        """The local file of a cached blob this repository holds (zero-copy serving)."""
+        if self.cache is None or not await self.cache.repositories.holds(repository, digest):
+            return None
+        path = await self.cache.blobs.path_for(digest)
+        self._count("blob", path is not None)
+        return path
+
+    @asynccontextmanager
+    async def blob_stream(self, repository: Repository, digest: str) -> AsyncIterator[StreamedBlob]:
+        """The blob from the single-flight fill (joined or started), for a cache miss."""
+        assert self.cache is not None
+
+        @asynccontextmanager
+        async def open_upstream() -> AsyncIterator[UpstreamBlob]:
+            response = await self._upstream_blob(repository, digest, "GET")
+            self.fill_upstreams[digest] = repository.registry
+            try:
+                yield UpstreamBlob(response.content_length, _relay(response, repository.registry))
+            finally:
+                response.release()
+
+        async with self.cache.fills.stream(digest, open_upstream) as blob:
+            yield blob
+        await self.cache.repositories.record(repository, (digest,))
+
+    async def _upstream_blob(
+        self, repository: Repository, digest: str, method: str
+    ) -> aiohttp.ClientResponse:
+        client = self.client(repository)
+        response = await client.request(
+            method,
+            f"/v2/{repository.path}/blobs/{digest}",
+            kind="blob",
+            repository=repository.path,
+            follow_redirects=True,
+        )
+        await client.raise_for_status(response, "blob")
+        return response
+
     async def blob(
         self, repository: Repository, digest: str, range_header: str | None, *, head: bool
     ) -> BlobStream:
-        """Open an upstream blob (following allowed redirects) for relaying."""
+        """Relay an upstream blob without the cache (used when no cache is configured)."""
         client = self.client(repository)
         headers: CIMultiDict[str] = CIMultiDict()
         if range_header:

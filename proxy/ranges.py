@@ -10,7 +10,14 @@ import re
 
 from proxy.errors import RangeInvalid
 
-_RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+_RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.ASCII)
+# Longer numbers are past any blob size; int() refuses over 4300 digits (a 500, not a 416).
+_MAX_DIGITS = 19
+
+
+def _number(text: str) -> int:
+    text = text.lstrip("0") or "0"
+    return int(text) if len(text) <= _MAX_DIGITS else 10**_MAX_DIGITS
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -27,12 +34,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first_text and not last_text:
         return None
     if not first_text:
-        suffix = int(last_text)
+        suffix = _number(last_text)
         if suffix == 0 or size == 0:
             raise unsatisfiable(size)
         return max(0, size - suffix), size - 1
-    first = int(first_text)
-    last = int(last_text) if last_text else size - 1
+    first = _number(first_text)
+    last = _number(last_text) if last_text else size - 1
     if last < first:
         raise unsatisfiable(size)
     if first >= size:

@@ -22,7 +22,7 @@ from proxy.errors import (
 from proxy.middleware import API_VERSION_HEADER
 from proxy.pull_through import STREAM_CHUNK
 from proxy.push import ClientAddress, read_manifest_body
-from proxy.ranges import parse_range
+from proxy.ranges import content_range, parse_range
 from proxy.references import (
     Repository,
     is_digest,
@@ -115,28 +115,75 @@ async def _manifest(
     return web.Response(status=200, body=result.body, headers=headers)
 
 
+_BLOB_HEADERS = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+
+
 async def _blob(
     request: web.Request, services: Services, target: Target, route: V2Route
 ) -> web.StreamResponse:
     assert route.ref is not None
-    repository = await _resolve(services, target, route.ref)
+    digest = route.ref
+    repository = await _resolve(services, target, digest)
+    pull = services.pull
+    headers = {**_BLOB_HEADERS, "Docker-Content-Digest": digest, "Etag": f'"{digest}"'}
+    if pull.cache is None:
+        return await _relay_blob(request, services, repository, digest)
+    if request.method == "HEAD":
+        size = await pull.blob_size(repository, digest)
+        return web.Response(headers={**headers, "Content-Length": str(size)})
     range_header = request.headers.get("Range")
+    await pull.ensure_held(repository, digest)
+    path = await pull.cached_blob(repository, digest)
+    if path is not None:
+        # Validated here so a bad range gets the OCI 416; FileResponse serves the bytes
+        # with sendfile, Range included.
+        parse_range(range_header, path.stat().st_size)
+        services.metrics.served_bytes.labels("cache").inc(path.stat().st_size)
+        return web.FileResponse(path, headers=headers)
+    async with pull.blob_stream(repository, digest) as blob:
+        status = 200
+        if blob.size is not None:
+            selected = parse_range(range_header, blob.size)
+            if selected is not None:
+                first, last = selected
+                blob.narrow(first, last - first + 1)
+                headers["Content-Range"] = content_range(first, last, blob.size)
+                status = 206
+        response = web.StreamResponse(status=status, headers=headers)
+        if blob.length is not None:
+            response.content_length = blob.length
+        await response.prepare(request)
+        try:
+            async for chunk in blob:
+                await response.write(chunk)
+                services.metrics.served_bytes.labels("upstream").inc(len(chunk))
+        except Exception:
+            # Headers are gone: the only honest signal left is a body that ends short.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+
+async def _relay_blob(
+    request: web.Request, services: Services, repository: Repository, digest: str
+) -> web.StreamResponse:
+    """Without a cache: relay the upstream's answer, `Range` included."""
     head = request.method == "HEAD"
-    stream = await services.pull.blob(repository, route.ref, range_header, head=head)
-    if "Content-Range" in stream.headers and stream.status == 206:
-        # Re-check the upstream's framing against the client's request.
-        size_text = stream.headers["Content-Range"].rpartition("/")[2]
-        if size_text.isdigit():
-            parse_range(range_header, int(size_text))
+    stream = await services.pull.blob(repository, digest, request.headers.get("Range"), head=head)
     response = web.StreamResponse(status=stream.status, headers=stream.headers)
     if "Content-Length" in stream.headers:
         response.content_length = int(stream.headers["Content-Length"])
     await response.prepare(request)
-    if not head:
-        async for chunk in stream.chunks:
-            await response.write(chunk)
-    else:
-        await stream.chunks.aclose()  # type: ignore[attr-defined]
+    try:
+        if not head:
+            async for chunk in stream.chunks:
+                await response.write(chunk)
+    except Exception:
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     await response.write_eof()
     return response
 

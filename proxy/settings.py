@@ -276,7 +276,10 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict
         path = [part.lower() for part in name.removeprefix(ENV_PREFIX).split("__") if part]
         if not path:
             continue
-        value = yaml.safe_load(environ[name]) if environ[name] else ""
+        try:
+            value = yaml.safe_load(environ[name]) if environ[name] else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: invalid YAML value") from exc
         node = result
         for key in path[:-1]:
             child = node.get(key)
@@ -314,12 +317,33 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "htpasswd": fix(settings.auth.htpasswd),
             "signing_key": fix(settings.auth.signing_key),
             "groups_file": fix(settings.auth.groups_file),
+            "trusted_issuers": [
+                issuer.model_copy(
+                    update={
+                        "jwks_file": fix(issuer.jwks_file),
+                        "public_key_file": fix(issuer.public_key_file),
+                    }
+                )
+                for issuer in settings.auth.trusted_issuers
+            ],
         }
     )
+    upstreams = [
+        upstream.model_copy(
+            update={"password_file": fix(upstream.password_file), "ca_file": fix(upstream.ca_file)}
+        )
+        for upstream in settings.upstreams
+    ]
     audit = settings.audit.model_copy(update={"path": fix(settings.audit.path)})
     storage = settings.storage.model_copy(update={"path": fix(settings.storage.path)})
     return settings.model_copy(
-        update={"policy": policy, "auth": auth, "audit": audit, "storage": storage}
+        update={
+            "policy": policy,
+            "auth": auth,
+            "audit": audit,
+            "storage": storage,
+            "upstreams": upstreams,
+        }
     )
 
 

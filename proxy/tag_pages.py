@@ -18,9 +18,11 @@ def parse_page_size(value: str | None) -> int | None:
     """The `n` parameter: None when absent, clamped to MAX_PAGE; 400 when invalid."""
     if value is None or value == "":
         return None
-    if not value.isdigit():
+    # str.isdigit() also accepts "²" and other digits int() refuses or should not see.
+    if not (value.isascii() and value.isdigit()):
         raise PaginationNumberInvalid("n must be a non-negative integer", detail={"n": value[:40]})
-    return min(int(value), MAX_PAGE)
+    digits = value.lstrip("0") or "0"
+    return MAX_PAGE if len(digits) > len(str(MAX_PAGE)) else min(int(digits), MAX_PAGE)
 
 
 def page(tags: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:

@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.challenge import Challenge, bearer_challenge, parse_challenges, repository_scope
+from proxy.circuit import CircuitBreaker
 from proxy.egress import EgressPolicy, EgressRefused
 from proxy.errors import (
     BlobUnknown,
@@ -136,7 +137,8 @@ def _oci_error(body: bytes) -> tuple[str | None, str]:
         document = json.loads(body)
         first = document["errors"][0]
         return str(first["code"]), str(first.get("message", ""))[:500]
-    except (ValueError, KeyError, IndexError, TypeError):
+    # RecursionError: a deeply nested body (`[[[[...`) from a hostile upstream.
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         return None, ""
 
 
@@ -157,6 +159,7 @@ class UpstreamClient:
         observer: UpstreamObserver | None = None,
         *,
         user_agent: str = "registry-gate",
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.registry
@@ -169,6 +172,7 @@ class UpstreamClient:
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._challenge: Challenge | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.breaker = breaker or CircuitBreaker()
 
     async def start(self) -> None:
         """Open the connection pool."""
@@ -350,6 +354,10 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         outgoing: CIMultiDict[str] = CIMultiDict(headers or {})
         outgoing.setdefault("Accept-Encoding", "identity")
+        if not self.breaker.allow():
+            raise UpstreamUnavailable(
+                f"upstream {self.name} is failing; requests are paused (circuit open)"
+            )
         authorization = await self._authorization(scope, refresh=refresh)
         if authorization is not None:
             outgoing["Authorization"] = authorization
@@ -359,11 +367,17 @@ class UpstreamClient:
                 method, url, headers=outgoing, data=data, allow_redirects=False
             )
         except TimeoutError as exc:
+            self.breaker.failure()
             self._observe(method, None, started)
             raise UpstreamTimeout(f"upstream {self.name} timed out") from exc
         except aiohttp.ClientError as exc:
+            self.breaker.failure()
             self._observe(method, None, started)
             raise UpstreamUnavailable(f"upstream {self.name} is unreachable") from exc
+        if response.status >= 500:
+            self.breaker.failure()
+        else:
+            self.breaker.success()
         self._observe(method, response.status, started)
         self._note_ratelimit(response.headers)
         return response
