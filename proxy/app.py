@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -18,9 +20,12 @@ from proxy.auth import Authenticator
 from proxy.cache import Cache
 from proxy.circuit import CircuitBreaker
 from proxy.credentials import UserDirectory
+from proxy.gatekeeper import Gatekeeper
 from proxy.metrics import Metrics
 from proxy.middleware import auth_middleware, error_middleware
 from proxy.operator_routes import add_operator_routes
+from proxy.pins import FilePinStore
+from proxy.policy_holder import PolicyHolder, PolicySources
 from proxy.pull_through import PullThrough
 from proxy.push import Pusher
 from proxy.routes import add_routes
@@ -37,7 +42,10 @@ MAX_HEADER_SIZE = 16 * 1024
 
 
 def build_services(settings: Settings) -> Services:
-    """Create (not yet start) every service from validated settings."""
+    """Create (not yet start) every service from validated settings.
+
+    Raises ConfigError (PolicyError included) for what the settings name but is invalid.
+    """
     metrics = Metrics(version=__version__)
     clients = {
         u.registry: UpstreamClient(
@@ -47,17 +55,26 @@ def build_services(settings: Settings) -> Services:
         )
         for u in settings.upstreams
     }
-    search = [u.registry for u in settings.upstreams]
+    pull = PullThrough(clients, metrics=metrics)
+    audit = AuditLog.from_settings(settings.audit, metrics=metrics)
+    pins_path = settings.policy.pins_path
+    pins = FilePinStore(pins_path) if pins_path else FilePinStore.under(settings.storage.path)
+    holder = PolicyHolder(
+        PolicySources.from_settings(settings),
+        pins,
+        on_reload=lambda outcome: metrics.policy_reloads.labels(outcome).inc(),
+    )
     # Replicas that share upload sessions must share this secret (settings.upload_secret).
     secret = (settings.upload_secret or secrets.token_hex(32)).encode()
     return Services(
         settings=settings,
         clients=clients,
-        pull=PullThrough(clients, metrics=metrics),
+        pull=pull,
         pusher=Pusher(clients, UploadSealer(secret)),
-        search=search,
         metrics=metrics,
-        audit=AuditLog.from_settings(settings.audit, metrics=metrics),
+        audit=audit,
+        holder=holder,
+        gatekeeper=Gatekeeper(holder, pull, metrics, audit, frozenset(clients)),
         authenticator=build_authenticator(settings) if settings.auth.mode == "token" else None,
     )
 
@@ -111,6 +128,18 @@ async def _cache_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await pull.cache.close()
 
 
+async def _policy_watch_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    if not services.settings.policy.watch:
+        yield
+        return
+    task = asyncio.create_task(services.holder.watch(), name="policy-watch")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _audit_lifecycle(app: web.Application) -> AsyncIterator[None]:
     # Closed after the handlers finish, so the queue drains every record they wrote.
     async with app[SERVICES].audit:
@@ -127,6 +156,7 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     app[SERVICES] = services or build_services(settings)
     app.cleanup_ctx.append(_audit_lifecycle)
     app.cleanup_ctx.append(_cache_lifecycle)
+    app.cleanup_ctx.append(_policy_watch_lifecycle)
     app.cleanup_ctx.append(_upstream_lifecycle)
     add_routes(app)
     add_token_routes(app)

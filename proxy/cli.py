@@ -77,6 +77,8 @@ async def _serve(settings: Settings, services: Services) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP reloads policy; an invalid policy is refused and the old one stays.
+    loop.add_signal_handler(signal.SIGHUP, services.holder.reload)
     try:
         await stop.wait()
     finally:

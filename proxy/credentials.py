@@ -6,6 +6,7 @@ checked for unknown users), so response time does not reveal which users exist.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import bcrypt
@@ -14,6 +15,8 @@ import yaml
 from proxy.principal import Principal
 from proxy.settings import AuthSettings, ConfigError
 
+# `$2y$` (htpasswd), `$2b$`, `$2a$`; a cost; 22 characters of salt and 31 of hash.
+_BCRYPT_RE = re.compile(r"\$2[aby]\$[0-9]{2}\$[./A-Za-z0-9]{53}")
 # A valid bcrypt hash of a random string: checked for unknown users to even out timing.
 _DUMMY_HASH = bcrypt.hashpw(b"registry-gate-no-such-user", bcrypt.gensalt(rounds=10))
 
@@ -30,7 +33,7 @@ def load_htpasswd(path: Path) -> dict[str, bytes]:
         if not line or line.startswith("#"):
             continue
         user, sep, hashed = line.partition(":")
-        if not sep or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
+        if not sep or not _BCRYPT_RE.fullmatch(hashed):
             raise ConfigError(
                 f"auth.htpasswd: {path}:{number}: only bcrypt entries are accepted (htpasswd -B)"
             )
@@ -76,7 +79,9 @@ class UserDirectory:
     def authenticate(self, user: str, password: str) -> Principal | None:
         """The principal for valid credentials, None otherwise (constant-cost check)."""
         hashed = self._users.get(user)
-        ok = bcrypt.checkpw(password.encode(), hashed if hashed is not None else _DUMMY_HASH)
+        # bcrypt reads 72 bytes (htpasswd -B hashes only those); bcrypt>=5 raises past them.
+        candidate = password.encode()[:72]
+        ok = bcrypt.checkpw(candidate, hashed if hashed is not None else _DUMMY_HASH)
         if hashed is None or not ok:
             return None
         return Principal(user, self.groups_of(user))

@@ -12,21 +12,16 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.addressing import Target, V2Route, locate, parse_v2_path
-from proxy.errors import (
-    Denied,
-    ManifestUnknown,
-    NameInvalid,
-    NameUnknown,
-    Unsupported,
-)
-from proxy.middleware import API_VERSION_HEADER
+from proxy.errors import NameInvalid, NameUnknown, Unsupported
+from proxy.gatekeeper import RequestContext
+from proxy.middleware import API_VERSION_HEADER, request_id_of
+from proxy.principal import ANONYMOUS
 from proxy.pull_through import STREAM_CHUNK
 from proxy.push import ClientAddress, read_manifest_body
 from proxy.ranges import content_range, parse_range
 from proxy.references import (
     Repository,
     is_digest,
-    strip_docker_library,
     validate_digest,
     validate_reference,
 )
@@ -74,24 +69,12 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _resolve(services: Services, target: Target, reference: str | None) -> Repository:
-    """The repository a request means; short names go through the search list."""
-    if target.repository is not None:
-        return target.repository
-    short = strip_docker_library(target.short_name or target.requested)
-    remembered = services.recent_resolutions.get(short)
-    if reference is None or (remembered is not None and is_digest(reference)):
-        if remembered is not None:
-            return remembered
-        reference = reference or "latest"
-    for registry in services.search:
-        candidate = Repository.of(registry, short)
-        if await services.pull.exists(candidate, reference):
-            services.recent_resolutions[short] = candidate
-            return candidate
-    raise ManifestUnknown(
-        f"{short}:{reference} was not found in any search registry",
-        detail={"search": services.search},
+def _context(request: web.Request) -> RequestContext:
+    return RequestContext(
+        request_id=request_id_of(request),
+        client=request.remote,
+        principal=request.get("principal", ANONYMOUS),
+        user_agent=request.headers.get("User-Agent"),
     )
 
 
@@ -99,16 +82,41 @@ async def _manifest(
     request: web.Request, services: Services, target: Target, route: V2Route
 ) -> web.StreamResponse:
     assert route.ref is not None
-    repository = await _resolve(services, target, route.ref)
+    context = _context(request)
+    gatekeeper = services.gatekeeper
+    access = await gatekeeper.check_pull(context, target, route.ref, "manifest")
     head = request.method == "HEAD"
     result = await services.pull.manifest(
-        repository, route.ref, request.headers.getall("Accept", []), head=head
+        access.location, route.ref, request.headers.getall("Accept", []), head=head
     )
     headers = {
         "Content-Type": result.info.media_type,
         "Docker-Content-Digest": result.info.digest,
         "Etag": f'"{result.info.digest}"',
     }
+    if result.stale is not None:
+        headers["Warning"] = '110 registry-gate "Response is stale: upstream unavailable"'
+        await gatekeeper.record(
+            context,
+            event="stale_serve",
+            action="pull",
+            name=target.requested,
+            access=access,
+            digest=result.info.digest,
+            status=200,
+            reason=result.stale,
+        )
+    await gatekeeper.record(
+        context,
+        event="manifest_head" if head else "manifest_pull",
+        action="pull",
+        name=f"{target.requested}:{route.ref}" if not is_digest(route.ref) else target.requested,
+        access=access,
+        digest=result.info.digest,
+        status=200,
+        size=result.info.size,
+        extra={"source": result.source},
+    )
     if head:
         headers["Content-Length"] = str(result.info.size)
         return web.Response(status=200, headers=headers)
@@ -123,7 +131,8 @@ async def _blob(
 ) -> web.StreamResponse:
     assert route.ref is not None
     digest = route.ref
-    repository = await _resolve(services, target, digest)
+    access = await services.gatekeeper.check_pull(_context(request), target, digest, "blob")
+    repository = access.location
     pull = services.pull
     headers = {**_BLOB_HEADERS, "Docker-Content-Digest": digest, "Etag": f'"{digest}"'}
     if pull.cache is None:
@@ -191,7 +200,8 @@ async def _relay_blob(
 async def _tags(
     request: web.Request, services: Services, target: Target, route: V2Route
 ) -> web.StreamResponse:
-    repository = await _resolve(services, target, None)
+    access = await services.gatekeeper.check_pull(_context(request), target, None, "tags")
+    repository = access.location
     n = parse_page_size(request.query.get("n"))
     last = request.query.get("last")
     tags = await services.pull.tags(repository)
@@ -206,24 +216,12 @@ async def _referrers(
     request: web.Request, services: Services, target: Target, route: V2Route
 ) -> web.StreamResponse:
     assert route.ref is not None
-    repository = await _resolve(services, target, route.ref)
+    access = await services.gatekeeper.check_pull(_context(request), target, None, "referrers")
+    repository = access.location
     body, headers = await services.pull.referrers(
         repository, route.ref, request.query.get("artifactType")
     )
     return web.Response(status=200, body=body, headers=headers)
-
-
-def _write_repository(services: Services, target: Target) -> Repository:
-    """Writes go where the name addresses; a short name goes to the push registry."""
-    if target.repository is not None:
-        return target.repository
-    registry = services.settings.push_registry
-    if registry is None:
-        raise Denied(
-            "short-name pushes are refused: no push_registry is configured; "
-            "push to a fully-qualified name such as registry.example/team/app"
-        )
-    return Repository.of(registry, strip_docker_library(target.short_name or target.requested))
 
 
 def _body(request: web.Request) -> AsyncIterator[bytes] | None:
@@ -238,14 +236,21 @@ async def _write(
     request: web.Request, services: Services, target: Target, route: V2Route
 ) -> web.StreamResponse:
     """Uploads, manifest PUTs and deletes, forwarded to the upstream the name addresses."""
-    repository = _write_repository(services, target)
-    address = ClientAddress(route.name, request.query.get("ns"))
     method = request.method
+    context = _context(request)
+    gatekeeper = services.gatekeeper
+    action = "delete" if method == "DELETE" and route.kind in ("manifest", "blob") else "push"
+    manifest_ref = route.ref if route.kind == "manifest" else None
+    access = await gatekeeper.check_write(context, target, action, manifest_ref)
+    repository = access.repository
+    address = ClientAddress(route.name, request.query.get("ns"))
     if route.kind == "upload_start" and method == "POST":
         mount_from = None
         if "from" in request.query:
             source = locate(request.query["from"], request.query.get("ns"), services.registries)
-            mount_from = _write_repository(services, source)
+            # A mount reads the source: the principal must be allowed to pull it.
+            source_access = await gatekeeper.check_pull(context, source, None, "blob")
+            mount_from = source_access.location
         forwarded = await services.pusher.start_upload(
             repository, address, request.query, request.headers, _body(request), mount_from
         )
@@ -265,6 +270,18 @@ async def _write(
         forwarded = await services.pusher.delete(repository, address, route.kind, route.ref)
     else:
         raise Unsupported(f"{method} is not supported on this endpoint")
+    if route.kind == "manifest" or method == "DELETE":
+        await gatekeeper.record(
+            context,
+            event="delete" if method == "DELETE" else "push",
+            action=action,
+            name=target.requested,
+            access=access,
+            digest=forwarded.headers.get("Docker-Content-Digest")
+            or (route.ref if route.ref and is_digest(route.ref) else None),
+            status=forwarded.status,
+            extra={"reference": route.ref, "kind": route.kind},
+        )
     return web.Response(status=forwarded.status, headers=forwarded.headers, body=forwarded.body)
 
 

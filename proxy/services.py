@@ -6,23 +6,23 @@ Built by the composition root (`app.py`) from validated settings; handlers reach
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
-from cachetools import TTLCache
 
+from proxy.addressing import locate
 from proxy.audit import AuditLog
 from proxy.auth import Authenticator
+from proxy.errors import RegistryError
+from proxy.gatekeeper import Gatekeeper
 from proxy.metrics import Metrics
+from proxy.policy_holder import PolicyHolder
 from proxy.principal import Principal
 from proxy.pull_through import PullThrough
 from proxy.push import Pusher
-from proxy.references import Repository
+from proxy.references import Repository, strip_docker_library
 from proxy.settings import Settings
 from proxy.upstream import UpstreamClient
-
-# How long a short name's resolution is remembered for the blob requests that follow it.
-RESOLUTION_MEMORY_SECONDS = 600.0
 
 
 @dataclass
@@ -33,20 +33,32 @@ class Services:
     clients: dict[str, UpstreamClient]
     pull: PullThrough
     pusher: Pusher
-    search: list[str]
     metrics: Metrics
     audit: AuditLog
+    holder: PolicyHolder
+    gatekeeper: Gatekeeper
     authenticator: Authenticator | None = None
-    recent_resolutions: TTLCache[str, Repository] = field(
-        default_factory=lambda: TTLCache(maxsize=65536, ttl=RESOLUTION_MEMORY_SECONDS)
-    )
 
     def may(self, principal: Principal, action: str, name: str) -> bool:
         """Whether policy could allow `action` on the repository a client calls `name`.
 
-        Used to cut token grants down; the registry side decides again per request.
+        Used to cut token grants down; the registry side decides again per request (with
+        the tag, after short-name resolution), so a pull of a short name is granted here.
         """
-        return True
+        try:
+            target = locate(name, None, self.registries)
+        except RegistryError:
+            return False
+        snapshot = self.holder.current
+        repository = target.repository
+        if repository is None:
+            if action == "pull":
+                return True
+            registry = self.settings.push_registry
+            if registry is None:
+                return False
+            repository = Repository.of(registry, strip_docker_library(name))
+        return snapshot.policy.decide(principal, action, repository).allowed
 
     def observe_token(self, outcome: str) -> None:
         """Count a token endpoint outcome."""

@@ -306,5 +306,5 @@ class TokenVerifier:
         if user is None:
             raise TokenInvalid("token without a subject")
         claimed = claims.get(settings.groups_claim) or []
-        groups = frozenset(str(g) for g in claimed if isinstance(claimed, list))
+        groups = frozenset(str(g) for g in claimed) if isinstance(claimed, list) else frozenset()
         return VerifiedToken(Principal(user, groups | self.groups_of(user)), None, settings.issuer)
