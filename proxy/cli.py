@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import client_config
+from proxy import client_config, operator_commands
 from proxy.app import build_app, build_metrics_app, build_services
 from proxy.logging_setup import configure_logging
 from proxy.services import Services
@@ -31,6 +31,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="gate.yaml (default: embedded default)")
     check = commands.add_parser("check-config", help="validate a configuration and exit")
     check.add_argument("--config", type=Path, required=True)
+    policy = commands.add_parser("policy", help="explain decisions, manage pins")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    explain = policy_commands.add_parser("explain", help="why a reference is allowed or not")
+    explain.add_argument("--config", type=Path)
+    explain.add_argument("action", choices=["pull", "push", "delete"])
+    explain.add_argument("reference")
+    explain.add_argument("--user")
+    explain.add_argument("--group", action="append", default=[])
+    explain.add_argument("--json", action="store_true")
+    pins = policy_commands.add_parser("pins", help="list or remove short-name pins")
+    pins.add_argument("--config", type=Path)
+    pins.add_argument("pins_command", choices=["list", "remove"])
+    pins.add_argument("names", nargs="*")
+    audit = commands.add_parser("audit", help="audit log tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_commands.add_parser("verify", help="check audit files, oldest first")
+    audit_verify.add_argument("files", nargs="+", type=Path)
+    audit_verify.add_argument("--partial", action="store_true")
+    cache = commands.add_parser("cache", help="cache stats, verify, gc")
+    cache.add_argument("cache_command", choices=["stats", "verify", "gc"])
+    cache.add_argument("--config", type=Path)
+    cache.add_argument("--remove", action="store_true", help="verify: delete corrupt entries")
     client = commands.add_parser("client-config", help="print client configuration")
     client.add_argument("client", choices=["docker", "containerd", "podman"])
     client.add_argument("--url", required=True, help="the gate's URL, e.g. http://gate:5000")
@@ -109,6 +131,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         serve(_load(args.config))
         return 0
+    if args.command == "policy" and args.policy_command == "explain":
+        settings = _load(args.config)
+        try:
+            return asyncio.run(
+                operator_commands.policy_explain(
+                    settings, args.action, args.reference, args.user, args.group, as_json=args.json
+                )
+            )
+        except ConfigError as exc:
+            raise _config_error(exc) from exc
+    if args.command == "policy":
+        settings = _load(args.config)
+        if args.pins_command == "list":
+            return asyncio.run(operator_commands.pins_list(settings))
+        return asyncio.run(operator_commands.pins_remove(settings, args.names))
+    if args.command == "audit":
+        return operator_commands.audit_verify(args.files, partial=args.partial)
+    if args.command == "cache":
+        settings = _load(args.config)
+        return asyncio.run(
+            operator_commands.cache_command(settings, args.cache_command, remove=args.remove)
+        )
     if args.command == "client-config":
         return _client_config(args.client, args.url, args.config)
     if args.command == "check-config":

@@ -1,9 +1,12 @@
-"""Operator endpoints: `/metrics`, `/healthz` (the process answers) and `/readyz`."""
+"""Operator endpoints: `/metrics`, `/policy/explain`, `/healthz` and `/readyz`."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.errors import Unsupported
+from proxy.explain import explain
+from proxy.principal import Principal
 from proxy.services import SERVICES
 
 
@@ -13,6 +16,28 @@ async def metrics(request: web.Request) -> web.Response:
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
+
+
+async def policy_explain(request: web.Request) -> web.Response:
+    """`GET /policy/explain?action=pull&reference=REF[&user=U][&group=G...]` (JSON).
+
+    Explains from the policy in force and the pins, without contacting an upstream.
+    """
+    services = request.app[SERVICES]
+    query = request.query
+    principal = Principal(query.get("user") or None, frozenset(query.getall("group", [])))
+    try:
+        result = await explain(
+            services.holder.current.policy,
+            services.holder.pins,
+            principal,
+            query.get("action", "pull"),
+            query.get("reference", ""),
+            push_registry=services.settings.push_registry,
+        )
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from exc
+    return web.json_response(result.to_dict())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -36,6 +61,7 @@ def add_operator_routes(app: web.Application, *, metrics_here: bool, health: boo
     """Register the operator endpoints on an app."""
     if metrics_here:
         app.router.add_get("/metrics", metrics)
+        app.router.add_get("/policy/explain", policy_explain)
     if health:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
