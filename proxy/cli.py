@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,10 +81,25 @@ def serve(settings: Settings) -> None:
         services = build_services(settings)
     except ConfigError as exc:
         raise _config_error(exc) from exc
-    asyncio.run(_serve(settings, services))
+    try:
+        asyncio.run(_serve(settings, services))
+    except ConfigError as exc:
+        raise _config_error(exc) from exc
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls: cannot load certificate/key: {exc}") from exc
+    return context
 
 
 async def _serve(settings: Settings, services: Services) -> None:
+    ssl_context = _ssl_context(settings)
     runners: list[web.AppRunner] = []
     apps = [(build_app(settings, services), settings.listen)]
     if settings.metrics.enabled and settings.metrics.listen:
@@ -92,7 +108,10 @@ async def _serve(settings: Settings, services: Services) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = host_port(listen)
-        await web.TCPSite(runner, host, port).start()
+        main_site = listen == settings.listen
+        await web.TCPSite(
+            runner, host, port, ssl_context=ssl_context if main_site else None
+        ).start()
         runners.append(runner)
     log.info("registry-gate listening on %s", settings.listen)
     stop = asyncio.Event()

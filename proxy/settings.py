@@ -204,6 +204,13 @@ class AuditSettings(_Strict):
     stdout: bool = False
 
 
+class TlsSettings(_Strict):
+    """TLS termination by the gate (a Docker daemon wants HTTPS for a remote mirror)."""
+
+    cert_file: Path
+    key_file: Path
+
+
 class MetricsSettings(_Strict):
     """Where `/metrics` is served."""
 
@@ -216,6 +223,7 @@ class Settings(_Strict):
 
     listen: str = "127.0.0.1:5000"
     public_url: str | None = None
+    tls: TlsSettings | None = None
     storage: StorageSettings = StorageSettings()
     upstreams: list[UpstreamSettings] = Field(min_length=1)
     push_registry: str | None = None
@@ -335,6 +343,16 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         for upstream in settings.upstreams
     ]
     audit = settings.audit.model_copy(update={"path": fix(settings.audit.path)})
+    tls = (
+        settings.tls.model_copy(
+            update={
+                "cert_file": fix(settings.tls.cert_file),
+                "key_file": fix(settings.tls.key_file),
+            }
+        )
+        if settings.tls is not None
+        else None
+    )
     storage = settings.storage.model_copy(update={"path": fix(settings.storage.path)})
     return settings.model_copy(
         update={
