@@ -361,6 +361,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "audit": audit,
             "storage": storage,
             "upstreams": upstreams,
+            "tls": tls,
         }
     )
 
