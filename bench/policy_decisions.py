@@ -94,6 +94,20 @@ def large_policy() -> Policy:
     return policy
 
 
+def unindexable_policy() -> Policy:
+    """1,000 rules the indexes cannot narrow: one registry, no subjects, wildcard first
+    components; the request matches only the last one (the worst case, linear)."""
+    rules = "".join(
+        f"""  - name: app-{i}
+    match: "registry.corp.example/*/app-{i}"
+    actions: [pull]
+    allow: true
+"""
+        for i in range(1000)
+    )
+    return parse_policies([("bench-worst.yaml", "default: deny\nrules:\n" + rules)])
+
+
 def measure(call: Callable[[], object], iterations: int) -> tuple[float, float, float]:
     """(first call, median, p99) in microseconds."""
     start = time.perf_counter_ns()
@@ -138,12 +152,23 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20000)
     args = parser.parse_args()
     print(f"{'rules':>5}  {'scenario':<46} {'first µs':>9} {'median µs':>10} {'p99 µs':>8}")
+    _, median, p99 = measure(lambda: None, args.iterations)
+    print(
+        f"{'-':>5}  {'(an empty call: the timer overhead)':<46} {'':>9} {median:10.2f} {p99:8.2f}"
+    )
     for label, build in (("10", small_policy), ("1000", large_policy)):
         policy = build()
         for name, principal, action, repository, tag in scenarios():
             call = functools.partial(policy.decide, principal, action, repository, tag)
             first, median, p99 = measure(call, args.iterations)
             print(f"{label:>5}  {name:<46} {first:9.1f} {median:10.2f} {p99:8.2f}")
+    worst = unindexable_policy()
+    call = functools.partial(
+        worst.decide, ANONYMOUS, "pull", Repository("registry.corp.example", "x/app-999"), "1"
+    )
+    first, median, p99 = measure(call, max(args.iterations // 10, 100))
+    name = "pull corp/x/app-999 (no index applies)"
+    print(f"{'1000':>5}  {name:<46} {first:9.1f} {median:10.2f} {p99:8.2f}")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@ Owns what a policy file means (README "Policy files" documents every key):
   one file (two files setting one of them to different values is an error, as are two
   rules with one name or two different targets for one alias);
 - a containers-registries.conf (`proxy.registries_conf`) comes after the YAML files:
-  its `blocked = true` entries deny before any YAML rule, its search list and short-name
+  its `blocked = true` entries deny before any YAML rule (a pull also when the place
+  it is relocated to is blocked), its search list and short-name
   mode apply only when no YAML file sets them, its aliases apply unless a YAML file
   defines the same name, and its `location` rewrites where pulls are fetched from.
 
 Every load error names the file, the rule index and the key:
 `policies/x.yaml: rules[2].match: ...`. Decisions are fast: patterns compile once, and the
-rules that can apply to a (registry, action) are computed once and remembered.
+rules that can apply to a (registry, action, subject, first path component) are worked
+out once and remembered, so a thousand per-team rules cost what a handful do.
 """
 
 from __future__ import annotations
@@ -491,6 +493,12 @@ class Policy:
             raise ValueError(f"unknown action {action!r}")
         reference = _reference_text(repository, tag, digest)
         blocked = self.blocked_by(reference)
+        if blocked is None and action == "pull" and self.registries is not None:
+            # A block also holds for the place a pull is relocated to (registries.conf
+            # `location`), or a rewrite could reach a registry the operator blocked.
+            location = self.registries.pull_location(repository)
+            if location != repository:
+                blocked = self.blocked_by(_reference_text(location, tag, digest))
         if blocked is not None:
             return Decision(
                 False, action, reference, principal, blocked, reason="blocked by registries.conf"
@@ -616,15 +624,163 @@ def _unknown(registry: str, known: Collection[str]) -> str:
     return f"registry {registry} is not an upstream (configured: {', '.join(sorted(known))})"
 
 
-@dataclass
-class _Merged:
-    rules: list[Rule]
-    search: tuple[str, ...] | None = None
-    search_source: str | None = None
-    mode: ShortNameMode | None = None
-    mode_source: str | None = None
-    default: str | None = None
-    default_source: str | None = None
+class _Builder:
+    """Accumulates policy documents in precedence order, checking as it goes."""
+
+    def __init__(self, known_registries: Collection[str] | None) -> None:
+        self.known = known_registries
+        self.rules: list[Rule] = []
+        self.rule_names: dict[str, RuleRef] = {}
+        # search, short_name_mode, default: the value and the file that set it.
+        self.settings: dict[str, tuple[Any, str]] = {}
+        self.aliases: dict[str, Repository] = {}
+        self.alias_sources: dict[str, str] = {}
+        self.sources: list[str] = []
+        self.warnings: list[str] = []
+        self.digest = hashlib.sha256()
+
+    def _is_unknown(self, registry: str) -> bool:
+        return self.known is not None and registry not in self.known
+
+    def _set_once(self, key: str, value: object, source: str) -> None:
+        """`search`, `short_name_mode` and `default` may be set by one file (or agree)."""
+        current = self.settings.get(key)
+        if current is None:
+            self.settings[key] = (value, source)
+        elif current[0] != value:
+            raise _fail(
+                source,
+                key,
+                f"already set to a different value by {current[1]}; set it in one policy file only",
+            )
+
+    def add_yaml(self, source: str, text: str) -> None:
+        self.sources.append(source)
+        self.digest.update(f"{source}\0{text}\0".encode())
+        model = _read_yaml(text, source)
+        if model.search is not None:
+            self._set_once("search", self._search(model.search, source), source)
+        if model.short_name_mode is not None:
+            self._set_once("short_name_mode", model.short_name_mode, source)
+        if model.default is not None:
+            self._set_once("default", model.default, source)
+        for name, value in (model.aliases or {}).items():
+            self._alias(name, value, source)
+        for index, rule_model in enumerate(model.rules or []):
+            self._rule(_compile_rule(rule_model, source, index))
+
+    def _search(self, entries: list[str], source: str) -> tuple[str, ...]:
+        search: list[str] = []
+        for i, entry in enumerate(entries):
+            try:
+                registry = validate_registry(entry.rstrip("/"))
+            except RegistryError:
+                raise _fail(
+                    source, f"search[{i}]", f"{entry!r}: expected a registry host[:port]"
+                ) from None
+            if registry in search:
+                raise _fail(source, f"search[{i}]", f"{registry} is listed twice")
+            if self.known is not None and registry not in self.known:
+                raise _fail(source, f"search[{i}]", _unknown(registry, self.known))
+            search.append(registry)
+        return tuple(search)
+
+    def _alias(self, name: str, value: str, source: str) -> None:
+        key = f"aliases.{name}"
+        try:
+            _check_short_name(name)
+            target = _parse_target(value)
+        except (ValueError, RegistryError) as exc:
+            message = exc.message if isinstance(exc, RegistryError) else str(exc)
+            raise _fail(source, key, message) from None
+        if self.known is not None and target.registry not in self.known:
+            raise _fail(source, key, _unknown(target.registry, self.known))
+        previous = self.aliases.get(name)
+        if previous is not None and previous != target:
+            owner = self.alias_sources[name]
+            raise _fail(source, key, f"{owner} already aliases it to {previous}")
+        self.aliases[name] = target
+        self.alias_sources[name] = source
+
+    def _rule(self, rule: Rule) -> None:
+        previous = self.rule_names.get(rule.ref.name)
+        if previous is not None:
+            raise _fail(
+                rule.ref.file,
+                f"rules[{rule.ref.index}].name",
+                f'rule name "{rule.ref.name}" is already used by {previous.where}',
+            )
+        self.rule_names[rule.ref.name] = rule.ref
+        for pattern in rule.patterns:
+            host = pattern.host_literal
+            if host is not None and self._is_unknown(host):
+                # A rule about a registry the gate does not serve is dead, not dangerous.
+                self.warnings.append(
+                    f"{rule.ref.where} ({rule.ref.name}): pattern {pattern.text!r} "
+                    f"names {host}, which is not an upstream"
+                )
+        self.rules.append(rule)
+
+    def add_registries_conf(self, conf: RegistriesConf) -> None:
+        """Reused client configuration: fills what the YAML files leave unset."""
+        self.sources.extend(conf.sources)
+        self.digest.update(repr(conf).encode())
+        self.warnings.extend(conf.warnings)
+        if "search" not in self.settings and conf.search is not None:
+            kept = []
+            for registry in conf.search:
+                if self._is_unknown(registry):
+                    assert self.known is not None
+                    self.warnings.append(
+                        f"{conf.search_source}: unqualified-search-registries: "
+                        f"{registry} dropped: {_unknown(registry, self.known)}"
+                    )
+                else:
+                    kept.append(registry)
+            self.settings["search"] = (tuple(kept), conf.search_source or "registries.conf")
+        if "short_name_mode" not in self.settings and conf.short_name_mode is not None:
+            self.settings["short_name_mode"] = (conf.short_name_mode, "registries.conf")
+        for name, target in conf.aliases.items():
+            if name in self.aliases:
+                continue  # the gate's own YAML policy wins over reused client configuration
+            origin = conf.alias_sources.get(name, "registries.conf")
+            if self._is_unknown(target.registry):
+                assert self.known is not None
+                reason = _unknown(target.registry, self.known)
+                self.warnings.append(f"{origin}: aliases.{name}: dropped: {reason}")
+                continue
+            self.aliases[name] = target
+            self.alias_sources[name] = origin
+        for entry in conf.registries:
+            if entry.location and entry.location != entry.prefix:
+                host = validate_registry(entry.location.partition("/")[0])
+                if self._is_unknown(host):
+                    self.warnings.append(
+                        f"{entry.where}: location {entry.location} is not an upstream; "
+                        "pulls rewritten to it will fail"
+                    )
+
+    def build(self, registries: RegistriesConf | None, fallback_search: Sequence[str]) -> Policy:
+        search = self.settings.get("search")
+        if search is None and fallback_search:
+            kept = tuple(r for r in fallback_search if not self._is_unknown(r))
+            search = (kept, BUILTIN_SOURCE)
+        mode = self.settings.get("short_name_mode")
+        default = self.settings.get("default")
+        return Policy(
+            rules=self.rules,
+            default_allow=default is not None and default[0] == "allow",
+            default_source=default[1] if default is not None else None,
+            search=search[0] if search is not None else (),
+            search_source=search[1] if search is not None else None,
+            short_name_mode=mode[0] if mode is not None else DEFAULT_SHORT_NAME_MODE,
+            aliases=self.aliases,
+            alias_sources=self.alias_sources,
+            registries=registries,
+            sources=self.sources,
+            fingerprint=self.digest.hexdigest()[:16],
+            warnings=self.warnings,
+        )
 
 
 def parse_policies(
@@ -639,147 +795,14 @@ def parse_policies(
     `known_registries` (the upstream table) turns search entries and alias targets that
     name no upstream into errors (YAML) or dropped entries with a warning
     (registries.conf, which often lists registries the gate does not serve).
+    `fallback_search` applies when neither the YAML nor registries.conf set a search list.
     """
-    merged = _Merged(rules=[])
-    aliases: dict[str, Repository] = {}
-    alias_sources: dict[str, str] = {}
-    rule_names: dict[str, RuleRef] = {}
-    warnings: list[str] = []
-    digest = hashlib.sha256()
+    builder = _Builder(known_registries)
     for source, text in documents:
-        digest.update(f"{source}\0{text}\0".encode())
-        model = _read_yaml(text, source)
-        if model.search is not None:
-            search: list[str] = []
-            for i, entry in enumerate(model.search):
-                try:
-                    registry = validate_registry(entry.rstrip("/"))
-                except RegistryError:
-                    raise _fail(
-                        source, f"search[{i}]", f"{entry!r}: expected a registry host[:port]"
-                    ) from None
-                if registry in search:
-                    raise _fail(source, f"search[{i}]", f"{registry} is listed twice")
-                if known_registries is not None and registry not in known_registries:
-                    raise _fail(source, f"search[{i}]", _unknown(registry, known_registries))
-                search.append(registry)
-            _set_once(merged, "search", tuple(search), source)
-        if model.short_name_mode is not None:
-            _set_once(merged, "mode", model.short_name_mode, source)
-        if model.default is not None:
-            _set_once(merged, "default", model.default, source)
-        for name, value in (model.aliases or {}).items():
-            try:
-                _check_short_name(name)
-                target = _parse_target(value)
-            except (ValueError, RegistryError) as exc:
-                message = exc.message if isinstance(exc, RegistryError) else str(exc)
-                raise _fail(source, f"aliases.{name}", message) from None
-            if known_registries is not None and target.registry not in known_registries:
-                raise _fail(source, f"aliases.{name}", _unknown(target.registry, known_registries))
-            if name in aliases and aliases[name] != target:
-                raise _fail(
-                    source,
-                    f"aliases.{name}",
-                    f"{alias_sources[name]} already aliases it to {aliases[name]}",
-                )
-            aliases[name] = target
-            alias_sources[name] = source
-        for index, rule_model in enumerate(model.rules or []):
-            rule = _compile_rule(rule_model, source, index)
-            previous = rule_names.get(rule.ref.name)
-            if previous is not None:
-                raise _fail(
-                    source,
-                    f"rules[{index}].name",
-                    f'rule name "{rule.ref.name}" is already used by {previous.where}',
-                )
-            rule_names[rule.ref.name] = rule.ref
-            if known_registries is not None:
-                for pattern in rule.patterns:
-                    if pattern.host_literal is not None and pattern.host_literal not in (
-                        known_registries
-                    ):
-                        warnings.append(
-                            f"{rule.ref.where} ({rule.ref.name}): pattern {pattern.text!r} "
-                            f"names {pattern.host_literal}, which is not an upstream"
-                        )
-            merged.rules.append(rule)
-
-    search_list = merged.search
-    search_source = merged.search_source
-    mode = merged.mode
+        builder.add_yaml(source, text)
     if registries is not None:
-        digest.update(repr(registries).encode())
-        warnings.extend(registries.warnings)
-        if search_list is None and registries.search is not None:
-            kept = []
-            for registry in registries.search:
-                if known_registries is not None and registry not in known_registries:
-                    warnings.append(
-                        f"{registries.search_source}: unqualified-search-registries: "
-                        f"{registry} dropped: {_unknown(registry, known_registries)}"
-                    )
-                else:
-                    kept.append(registry)
-            search_list, search_source = tuple(kept), registries.search_source
-        if mode is None and registries.short_name_mode is not None:
-            mode = registries.short_name_mode
-        for name, target in registries.aliases.items():
-            if name in aliases:
-                continue  # the gate's own YAML policy wins over reused client configuration
-            origin = registries.alias_sources.get(name, "registries.conf")
-            if known_registries is not None and target.registry not in known_registries:
-                reason = _unknown(target.registry, known_registries)
-                warnings.append(f"{origin}: aliases.{name}: dropped: {reason}")
-                continue
-            aliases[name] = target
-            alias_sources[name] = origin
-        if known_registries is not None:
-            for conf_entry in registries.registries:
-                if conf_entry.location and conf_entry.location != conf_entry.prefix:
-                    host = conf_entry.location.partition("/")[0]
-                    if validate_registry(host) not in known_registries:
-                        warnings.append(
-                            f"{conf_entry.where}: location {conf_entry.location} is not an "
-                            "upstream; "
-                            "pulls rewritten to it will fail"
-                        )
-    if search_list is None and fallback_search:
-        search_list = tuple(
-            r for r in fallback_search if known_registries is None or r in known_registries
-        )
-        search_source = BUILTIN_SOURCE
-    return Policy(
-        rules=merged.rules,
-        default_allow=merged.default == "allow",
-        default_source=merged.default_source,
-        search=search_list or (),
-        search_source=search_source,
-        short_name_mode=mode or DEFAULT_SHORT_NAME_MODE,
-        aliases=aliases,
-        alias_sources=alias_sources,
-        registries=registries,
-        sources=[s for s, _ in documents] + list(registries.sources if registries else ()),
-        fingerprint=digest.hexdigest()[:16],
-        warnings=warnings,
-    )
-
-
-def _set_once(merged: _Merged, key: str, value: object, source: str) -> None:
-    """`search`, `short_name_mode` and `default` may be set by one file (or agree)."""
-    current = getattr(merged, key)
-    if current is not None and current != value:
-        owner = getattr(merged, f"{key}_source")
-        yaml_key = {"mode": "short_name_mode"}.get(key, key)
-        raise _fail(
-            source,
-            yaml_key,
-            f"already set to a different value by {owner}; set it in one policy file only",
-        )
-    if current is None:
-        setattr(merged, key, value)
-        setattr(merged, f"{key}_source", source)
+        builder.add_registries_conf(registries)
+    return builder.build(registries, fallback_search)
 
 
 def load_policy(

@@ -6,10 +6,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import Denied
 from proxy.policy import (
     BUILTIN_SOURCE,
+    Decision,
     Policy,
     PolicyError,
     load_policy,
@@ -553,6 +556,26 @@ def test_registries_conf_location_rewrites_pulls() -> None:
     )
 
 
+def test_a_block_also_holds_for_the_pull_location() -> None:
+    conf = parse_registries_conf(
+        """
+        [[registry]]
+        prefix = "quay.io/mirrored"
+        location = "ghcr.io/blocked/mirrored"
+
+        [[registry]]
+        location = "ghcr.io/blocked"
+        blocked = true
+        """,
+        "registries.conf",
+    )
+    policy = policy_of("rules:\n  - {name: all, match: '**', allow: true}", registries=conf)
+    pull = policy.decide(ANONYMOUS, "pull", repo("quay.io/mirrored/app"), "1")
+    assert not pull.allowed and pull.rule is not None and pull.rule.index == 1
+    # Writes are not relocated, so only the name's own entry counts for them.
+    assert policy.decide(ANONYMOUS, "push", repo("quay.io/mirrored/app"), "1").allowed
+
+
 def test_load_policy_reads_registries_conf(tmp_path: Path) -> None:
     conf = tmp_path / "registries.conf"
     conf.write_text(CONF)
@@ -563,3 +586,85 @@ def test_load_policy_reads_registries_conf(tmp_path: Path) -> None:
     bad.write_text("[[registry]]\nprefix = 'quay.io'\n")
     with pytest.raises(PolicyError, match=r"bad.conf: registry\[0\].location"):
         load_policy([], bad)
+
+
+# --- the rule index never changes a decision ------------------------------------------------
+
+PATTERNS = [
+    "**",
+    "quay.io",
+    "quay.io/team-a/**",
+    "quay.io/team-*/app",
+    "quay.io/*/app",
+    "quay.io/team-b/app",
+    "*.corp.example/**",
+    "a.corp.example/team-a/**",
+    "**/app",
+    "docker.io/library/*",
+]
+NAMES = [
+    "quay.io/team-a/app",
+    "quay.io/team-b/app",
+    "quay.io/team-a/x/y",
+    "quay.io/other/app",
+    "a.corp.example/team-a/app",
+    "b.corp.example/x",
+    "docker.io/library/app",
+]
+rule_strategy = st.fixed_dictionaries(
+    {
+        "match": st.lists(st.sampled_from(PATTERNS), min_size=1, max_size=2),
+        "allow": st.booleans(),
+        "actions": st.lists(st.sampled_from(["pull", "push", "delete"]), min_size=1, unique=True),
+        "groups": st.lists(st.sampled_from(["g1", "g2"]), max_size=2, unique=True),
+        "users": st.lists(st.sampled_from(["alice"]), max_size=1),
+        "audit": st.booleans(),
+    }
+)
+principals = st.sampled_from(
+    [
+        ANONYMOUS,
+        Principal("alice"),
+        Principal("bob", frozenset({"g1"})),
+        Principal("c", frozenset({"g2", "x"})),
+    ]
+)
+
+
+def naive(policy: Policy, principal: Principal, action: str, repository: Repository) -> Decision:
+    """First match over every rule, no index: what the policy must agree with."""
+    audit = None
+    for rule in policy.rules:
+        if action not in rule.actions or not rule.applies_to(principal):
+            continue
+        if not rule.matches(repository.registry, repository.path):
+            continue
+        if rule.audit:
+            if not rule.allow and audit is None:
+                audit = rule.ref
+            continue
+        return Decision(rule.allow, action, "", principal, rule.ref, audit_rule=audit)
+    return Decision(policy.default_allow, action, "", principal, None, audit_rule=audit)
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(rule_strategy, max_size=8),
+    st.booleans(),
+    st.lists(st.tuples(principals, st.sampled_from(["pull", "push"]), st.sampled_from(NAMES))),
+)
+def test_indexed_decisions_agree_with_naive_first_match(
+    rules: list[dict[str, object]], default_allow: bool, requests: list[tuple[Principal, str, str]]
+) -> None:
+    lines = [f"default: {'allow' if default_allow else 'deny'}", "rules:"]
+    for i, r in enumerate(rules):
+        lines.append(
+            f"  - {{name: r{i}, match: {r['match']}, allow: {str(r['allow']).lower()}, "
+            f"actions: {r['actions']}, groups: {r['groups']}, users: {r['users']}, "
+            f"mode: {'audit' if r['audit'] else 'enforce'}}}"
+        )
+    policy = policy_of("\n".join(lines) + "\n")
+    for principal, action, name in requests * 2:  # twice: cold and cached index
+        got = policy.decide(principal, action, repo(name), "1")
+        want = naive(policy, principal, action, repo(name))
+        assert (got.allowed, got.rule, got.audit_rule) == (want.allowed, want.rule, want.audit_rule)

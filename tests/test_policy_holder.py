@@ -162,7 +162,7 @@ def test_sources_from_settings(tmp_path: Path) -> None:
     )
     sources = PolicySources.from_settings(settings)
     assert sources.files == (tmp_path / "a.yaml",)
-    assert sources.known_registries == {"docker.io", "registry.corp.example"}
+    assert sources.known_registries == frozenset({"docker.io", "registry.corp.example"})
     assert sources.push_registry == "registry.corp.example"
     write(tmp_path / "a.yaml", "search: [quay.io]\n")
     with pytest.raises(PolicyError, match=r"quay\.io is not an upstream"):

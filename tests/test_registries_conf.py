@@ -9,6 +9,7 @@ import pytest
 
 from proxy.references import Repository
 from proxy.registries_conf import (
+    RegistriesConf,
     RegistriesConfError,
     RegistryEntry,
     load_registries_conf,
@@ -19,7 +20,7 @@ from proxy.registries_conf import (
 DIGEST = "sha256:" + "b" * 64
 
 
-def conf_of(text: str, source: str = "registries.conf"):  # type: ignore[no-untyped-def]
+def conf_of(text: str, source: str = "registries.conf") -> RegistriesConf:
     return parse_registries_conf(textwrap.dedent(text), source)
 
 
@@ -103,14 +104,19 @@ def test_longest_prefix_wins() -> None:
         location = "eu.corp.example"
         """
     )
-    find = conf.find
-    assert find("quay.io/bad/x") is not None and find("quay.io/bad/x").blocked  # type: ignore[union-attr]
-    good = find("quay.io/good/x:1")
+
+    def prefix(reference: str) -> str | None:
+        entry = conf.find(reference)
+        return entry.prefix if entry is not None else None
+
+    bad = conf.find("quay.io/bad/x")
+    assert bad is not None and bad.blocked
+    good = conf.find("quay.io/good/x:1")
     assert good is not None and not good.blocked and good.prefix == "quay.io/good"
-    assert find("quay.io/goodness/x").prefix == "quay.io"  # type: ignore[union-attr]
-    assert find("a.corp.example/x").prefix == "*.corp.example"  # type: ignore[union-attr]
-    assert find("eu.corp.example/x").prefix == "eu.corp.example"  # type: ignore[union-attr]
-    assert find("ghcr.io/x") is None
+    assert prefix("quay.io/goodness/x") == "quay.io"
+    assert prefix("a.corp.example/x") == "*.corp.example"
+    assert prefix("eu.corp.example/x") == "eu.corp.example"
+    assert prefix("ghcr.io/x") is None
 
 
 def test_location_rewrites_pulls() -> None:
