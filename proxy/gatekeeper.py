@@ -121,9 +121,17 @@ class Gatekeeper:
             resolution = await snapshot.resolver.resolve(
                 short, reference, blob_probe, record_pin=False
             )
+        elif kind == "manifest" and reference is not None:
+            resolution = await snapshot.resolver.resolve(short, reference, self.pull.exists)
         else:
-            probe_reference = reference or "latest"
-            resolution = await snapshot.resolver.resolve(short, probe_reference, self.pull.exists)
+            # A tag list or referrers: the first search registry that has the repository.
+
+            async def repository_probe(repository: Repository, _reference: str) -> bool:
+                return await self.pull.repository_exists(repository)
+
+            resolution = await snapshot.resolver.resolve(
+                short, reference or "latest", repository_probe, record_pin=False
+            )
         self.metrics.shortname_resolutions.labels(resolution.reason).inc()
         self._recent[short] = resolution.repository
         return resolution.repository, resolution

@@ -360,6 +360,23 @@ class PullThrough:
             headers["OCI-Filters-Applied"] = response.headers["OCI-Filters-Applied"]
         return body, headers
 
+    async def repository_exists(self, repository: Repository) -> bool:
+        """Whether the upstream knows the repository (its tag list); False only on 404."""
+        client = self.client(repository)
+        response = await client.request(
+            "GET",
+            f"/v2/{repository.path}/tags/list",
+            kind="tags",
+            repository=repository.path,
+            query=[("n", "1")],
+        )
+        if response.status == 404:
+            response.release()
+            return False
+        await client.raise_for_status(response, "tags")
+        response.release()
+        return True
+
     async def exists(self, repository: Repository, reference: str) -> bool:
         """Whether the upstream has a manifest (HEAD); False only on 404, else raises."""
         client = self.client(repository)
