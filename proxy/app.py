@@ -124,6 +124,8 @@ async def _cache_lifecycle(app: web.Application) -> AsyncIterator[None]:
     pull.cache = await Cache.open(
         services.settings.storage, services.metrics, on_fill_finished=pull.fill_finished
     )
+    for pin in await services.holder.pins.list():
+        await pull.cache.protect(pin.repository)
     yield
     await pull.cache.close()
 

@@ -8,7 +8,8 @@ default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from proxy.blobstore import BlobStore, FilesystemBlobStore
 from proxy.manifest_cache import (
@@ -21,6 +22,7 @@ from proxy.manifest_cache import (
     TagIndex,
 )
 from proxy.metrics import Metrics
+from proxy.references import Repository
 from proxy.settings import StorageSettings
 from proxy.singleflight import FillCoordinator, FillObserver
 
@@ -37,6 +39,22 @@ class Cache:
     database: IndexDatabase
     tag_ttl: float
     stale_limit: float
+    # Blobs of pinned repositories are never evicted: a pin promises the same image.
+    pinned: set[Repository] = field(default_factory=set)
+    protected: set[str] = field(default_factory=set)
+
+    async def protect(self, repository: Repository) -> None:
+        """Keep every digest `repository` holds (now and later) out of eviction."""
+        if repository in self.pinned:
+            return
+        self.pinned.add(repository)
+        self.protected.update(await self.repositories.digests(repository))
+
+    async def record(self, repository: Repository, digests: Sequence[str]) -> None:
+        """Note what a repository holds (and protect it when the repository is pinned)."""
+        await self.repositories.record(repository, digests)
+        if repository in self.pinned:
+            self.protected.update(digests)
 
     @classmethod
     async def open(
@@ -59,7 +77,10 @@ class Cache:
             if metrics is not None:
                 metrics.cache_evictions.inc()
 
-        blobs = FilesystemBlobStore(root, settings.max_size, on_evict=evicted)
+        protected: set[str] = set()
+        blobs = FilesystemBlobStore(
+            root, settings.max_size, on_evict=evicted, protected=lambda: protected
+        )
         await blobs.open(exclusive=exclusive)
         manifests = FilesystemManifestStore(root)
         await manifests.open()
@@ -74,6 +95,7 @@ class Cache:
             database=database,
             tag_ttl=settings.tag_ttl,
             stale_limit=settings.stale_limit,
+            protected=protected,
         )
 
     async def close(self) -> None:

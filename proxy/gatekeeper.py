@@ -133,6 +133,8 @@ class Gatekeeper:
                 short, reference or "latest", repository_probe, record_pin=False
             )
         self.metrics.shortname_resolutions.labels(resolution.reason).inc()
+        if resolution.pinned and self.pull.cache is not None:
+            await self.pull.cache.protect(resolution.repository)
         self._recent[short] = resolution.repository
         return resolution.repository, resolution
 

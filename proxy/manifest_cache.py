@@ -425,6 +425,10 @@ class RepositoryIndex(Protocol):
         repository must be confirmed upstream again."""
         ...
 
+    async def digests(self, repository: Repository) -> list[str]:
+        """Every digest `repository` is known to hold."""
+        ...
+
 
 class SqliteRepositoryIndex:
     """`RepositoryIndex` in the index database, recent answers in memory."""
@@ -481,6 +485,16 @@ class SqliteRepositoryIndex:
         if found and generation == self._generation:
             self._remember(repository, digest)
         return found
+
+    async def digests(self, repository: Repository) -> list[str]:
+        def select(connection: sqlite3.Connection) -> list[str]:
+            rows = connection.execute(
+                "SELECT digest FROM repository_digests WHERE registry = ? AND repository = ?",
+                (repository.registry, repository.path),
+            ).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return await self._db.run(select)
 
     async def forget(self, digest: str) -> None:
         self._generation += 1

@@ -167,7 +167,7 @@ class PullThrough:
         result = await self._fetch_manifest(repository, digest, accept, head=False)
         assert result.body is not None
         await self.cache.manifests.put(result.info.digest, result.info.media_type, result.body)
-        await self.cache.repositories.record(
+        await self.cache.record(
             repository, (result.info.digest, *result.info.blobs, *result.info.children)
         )
         return ManifestResult(result.info, None if head else result.body)
@@ -220,7 +220,7 @@ class PullThrough:
         if not length.isdigit():
             raise UpstreamUnavailable(f"upstream {repository.registry} sent no blob length")
         if self.cache is not None:
-            await self.cache.repositories.record(repository, (digest,))
+            await self.cache.record(repository, (digest,))
         return int(length)
 
     async def ensure_held(self, repository: Repository, digest: str) -> None:
@@ -236,7 +236,7 @@ class PullThrough:
         # and joining it must not skip this repository's own upstream check.
         response = await self._upstream_blob(repository, digest, "HEAD")
         response.release()
-        await self.cache.repositories.record(repository, (digest,))
+        await self.cache.record(repository, (digest,))
 
     async def cached_blob(self, repository: Repository, digest: str) -> Path | None:
         """The local file of a cached blob this repository holds (zero-copy serving)."""
@@ -262,7 +262,7 @@ class PullThrough:
 
         async with self.cache.fills.stream(digest, open_upstream) as blob:
             yield blob
-        await self.cache.repositories.record(repository, (digest,))
+        await self.cache.record(repository, (digest,))
 
     async def _upstream_blob(
         self, repository: Repository, digest: str, method: str
