@@ -12,6 +12,11 @@ they run lives in ``tests/support``. Session fixtures:
 
 Function fixture ``registry_factory``: empty, private registries for tests that mutate.
 
+The gate itself (``tests/support/gate.py``): session fixture ``gate`` fronts hub, corp,
+quay and the token upstream (as ``private.example``) with the search order
+``[docker.io, registry.corp.example]``; function fixture ``gate_factory`` starts gates
+with any configuration (stopped after the test).
+
 Missing ``docker-registry``/``skopeo`` skips those tests, except under ``CI=true``,
 where it fails them: CI must not pass by skipping.
 """
@@ -19,15 +24,23 @@ where it fails them: CI must not pass by skipping.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from typing import Any
 
 import pytest
 
+from tests.support.gate import (
+    PRIVATE_PASSWORD_ENV,
+    GateFactory,
+    GateProcess,
+    policy_document,
+    standard_upstreams,
+)
 from tests.support.images import PushedRef
 from tests.support.registries import DistributionRegistry, RegistryFactory
 from tests.support.upstreams import (
+    TOKEN_PASSWORD,
     TokenUpstream,
     Upstreams,
     missing_tools,
@@ -96,5 +109,53 @@ def registry_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regis
             reg = DistributionRegistry(tmp_path_factory.mktemp(name), name=name, **kwargs)
             stack.callback(reg.stop)
             return reg.start()
+
+        yield make
+
+
+# The search order of the shared gate's policy file (design §4, simple form).
+GATE_SEARCH = ("docker.io", "registry.corp.example")
+
+
+@pytest.fixture(scope="session")
+def gate(
+    upstreams: Upstreams, token_upstream: TokenUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GateProcess]:
+    """One gate for read-only pull tests: docker.io -> hub, registry.corp.example -> corp,
+    quay.io -> quay, private.example -> the token upstream (password from the
+    environment); policy ``search: [docker.io, registry.corp.example]``, ``default: allow``."""
+    process = GateProcess(
+        tmp_path_factory.mktemp("gate"),
+        {"upstreams": standard_upstreams(upstreams, token_upstream)},
+        policy=policy_document(GATE_SEARCH),
+        env={PRIVATE_PASSWORD_ENV: TOKEN_PASSWORD},
+        name="shared-gate",
+    )
+    with process:
+        yield process
+
+
+@pytest.fixture
+def gate_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GateFactory]:
+    """``gate_factory(config, *, policy=None, env=None, name="gate")`` -> a started gate.
+
+    ``config`` is laid over per-gate defaults (storage and audit under the gate's own
+    directory) and must name its ``upstreams`` (``standard_upstreams()`` builds the
+    usual table); ``policy`` is written to a file and listed in ``policy.files``.
+    """
+    with ExitStack() as stack:
+
+        def make(
+            config: Mapping[str, Any] | None = None,
+            *,
+            policy: Mapping[str, Any] | None = None,
+            env: Mapping[str, str] | None = None,
+            name: str = "gate",
+        ) -> GateProcess:
+            process = GateProcess(
+                tmp_path_factory.mktemp(name), config or {}, policy=policy, env=env, name=name
+            )
+            stack.callback(process.stop)
+            return process.start()
 
         yield make

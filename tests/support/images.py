@@ -248,12 +248,13 @@ def busybox_image(layout: Layout) -> str:
 
 
 def origin_image(layout: Layout, origin: str, name: str = "origin") -> str:
-    """A single-arch image whose label and ``/origin`` file name ``origin``: proves
+    """A single-arch image whose label and ``/origin`` file name ``origin`` (and whose
+    ``/images/<name>`` names the image, apart from ``/origin`` so both unpack): proves
     which upstream served a pull. ``name`` keeps different repos' images distinct."""
     desc = build_image(
         layout,
         "amd64",
-        [{"origin": f"{origin}\n".encode(), f"{name}/ORIGIN": f"{name} from {origin}\n".encode()}],
+        [{"origin": f"{origin}\n".encode(), f"images/{name}": f"{name} from {origin}\n".encode()}],
         labels={ORIGIN_LABEL: origin, "gate.image": name},
     )
     return layout.tag(f"{name}-{origin}", desc)

@@ -1,0 +1,48 @@
+"""The ``GateProcess`` test helper itself: start, restart, crash, bad configuration.
+
+Every gate-level test relies on these behaving (a restart keeps the port, a SIGKILL
+really kills, a configuration error surfaces with the gate's own message), so they are
+pinned down here, without any real upstream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.gate import GateFactory, GateProcess, GateStartError
+from tests.support.registries import free_port
+from tests.support.wire import request
+
+NOWHERE = {"upstreams": [{"registry": "docker.io", "url": f"http://127.0.0.1:{free_port()}"}]}
+
+
+def test_restart_and_kill9_keep_the_port(gate_factory: GateFactory) -> None:
+    gate = gate_factory(NOWHERE)
+    port, pid = gate.port, gate.pid
+    assert gate.url == f"http://127.0.0.1:{port}" and gate.host == f"127.0.0.1:{port}"
+    assert request(gate.url, "GET", "/v2/").status == 200
+
+    gate.restart()
+    assert gate.running and gate.port == port and gate.pid != pid
+    assert request(gate.url, "GET", "/v2/").status == 200
+
+    assert gate.kill9() == -9
+    assert not gate.running
+    with pytest.raises(OSError):
+        request(gate.url, "GET", "/v2/", timeout=2)
+    gate.start()
+    assert gate.port == port
+    assert request(gate.url, "GET", "/v2/").status == 200
+    assert gate.stop() is not None
+    assert not gate.running
+
+
+def test_bad_configuration_fails_with_the_gates_message(tmp_path: Path) -> None:
+    gate = GateProcess(tmp_path, {"upstreams": [{"registry": "docker.io", "url": "ftp://x"}]})
+    with pytest.raises(GateStartError) as excinfo:
+        gate.start()
+    assert gate.returncode == 2
+    assert "upstreams.0.url" in str(excinfo.value)
+    assert "upstreams.0.url" in gate.log_text()
