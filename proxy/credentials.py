@@ -16,7 +16,7 @@ from proxy.principal import Principal
 from proxy.settings import AuthSettings, ConfigError
 
 # `$2y$` (htpasswd), `$2b$`, `$2a$`; a cost; 22 characters of salt and 31 of hash.
-_BCRYPT_RE = re.compile(r"\$2[aby]\$[0-9]{2}\$[./A-Za-z0-9]{53}")
+_BCRYPT_RE = re.compile(r"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 # A valid bcrypt hash of a random string: checked for unknown users to even out timing.
 _DUMMY_HASH = bcrypt.hashpw(b"registry-gate-no-such-user", bcrypt.gensalt(rounds=10))
 
