@@ -176,7 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _client_config(args.client, args.url, args.config)
     if args.command == "check-config":
         settings = _load(args.config)
-        print(f"ok: {len(settings.upstreams)} upstreams, listen {settings.listen}")
+        try:
+            # Everything serve would read: policy files, htpasswd, keys, passwords.
+            services = build_services(settings)
+        except ConfigError as exc:
+            raise _config_error(exc) from exc
+        policy = services.holder.current.policy
+        print(
+            f"ok: {len(settings.upstreams)} upstreams, listen {settings.listen}, "
+            f"policy {policy.fingerprint} ({len(policy.rules)} rules)"
+        )
         return 0
     return EXIT_CONFIG
 

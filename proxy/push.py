@@ -8,18 +8,21 @@ Policy has already decided by the time anything here runs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from multidict import CIMultiDict
 
-from proxy.errors import ManifestInvalid, RegistryError
+from proxy.errors import ManifestInvalid, RangeInvalid, RegistryError
 from proxy.manifest_checks import MAX_MANIFEST_SIZE
 from proxy.references import Repository
 from proxy.upload_tokens import UploadSealer
 from proxy.upstream import Kind, UpstreamClient
 
+# A chunk's `Content-Range` on PATCH: inclusive offsets, no `bytes ` prefix.
+_CHUNK_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
 # Request headers relayed to the upstream on uploads and manifest PUTs.
 _FORWARDED_REQUEST_HEADERS = ("Content-Type", "Content-Length", "Content-Range")
 # Response headers relayed back to the client.
@@ -184,6 +187,8 @@ class Pusher:
         sealed = self.sealer.open(token, repository.registry, repository.path)
         parts = urlsplit(sealed)
         params = parse_qsl(parts.query, keep_blank_values=True)
+        if method == "PATCH" and "Content-Range" in headers:
+            await self._check_chunk_order(repository, address, parts.path, params, headers)
         if method == "PUT" and "digest" in query:
             params.append(("digest", query["digest"]))
         forwarded = await self._forward(
@@ -200,6 +205,43 @@ class Pusher:
         if method == "GET" and forwarded.status == 204 and "Location" not in forwarded.headers:
             forwarded.headers["Location"] = address.url(f"blobs/uploads/{token}")
         return forwarded
+
+    async def _check_chunk_order(
+        self,
+        repository: Repository,
+        address: ClientAddress,
+        upstream_path: str,
+        params: list[tuple[str, str]],
+        headers: Mapping[str, str],
+    ) -> None:
+        """416 for a chunk that does not start where the upload ends.
+
+        Some upstreams (Distribution 2.8) append whatever chunk arrives; the upload's
+        status (its `Range`) says where the next chunk must start. `0-0` means either
+        nothing or one byte so far, so both starts are let through then.
+        """
+        match = _CHUNK_RANGE.fullmatch(headers["Content-Range"].strip())
+        if match is None or int(match[1]) > int(match[2]):
+            raise RangeInvalid("Content-Range must be <start>-<end>")
+        status = await self._forward(
+            "GET",
+            repository,
+            address,
+            upstream_path,
+            kind="upload",
+            actions=("pull", "push"),
+            query=params,
+        )
+        current = _CHUNK_RANGE.fullmatch(status.headers.get("Range", "").strip())
+        if current is None:
+            return
+        end = int(current[2])
+        allowed = (0, 1) if end == 0 else (end + 1,)
+        if int(match[1]) not in allowed:
+            raise RangeInvalid(
+                f"chunk out of order: it starts at {match[1]}, the upload's range is 0-{end}",
+                headers={"Range": f"0-{end}"},
+            )
 
     async def put_manifest(
         self,

@@ -268,6 +268,7 @@ async def _write(
     elif route.kind in ("manifest", "blob") and method == "DELETE":
         assert route.ref is not None
         forwarded = await services.pusher.delete(repository, address, route.kind, route.ref)
+        await _forget_deleted(services, repository, route.ref)
     else:
         raise Unsupported(f"{method} is not supported on this endpoint")
     if route.kind == "manifest" or method == "DELETE":
@@ -283,6 +284,23 @@ async def _write(
             extra={"reference": route.ref, "kind": route.kind},
         )
     return web.Response(status=forwarded.status, headers=forwarded.headers, body=forwarded.body)
+
+
+async def _forget_deleted(services: Services, repository: Repository, reference: str) -> None:
+    """After a delete went through, stop serving the reference for this repository from
+    cache: a deleted tag, and a deleted digest (with the tags cached as pointing at it)."""
+    cache = services.pull.cache
+    if cache is None:
+        return
+    if not is_digest(reference):
+        await cache.tags.delete(repository, reference)
+        return
+    # Forgotten for every repository: the others are confirmed upstream again when asked.
+    await cache.repositories.forget(reference)
+    for tag in await cache.tags.tags(repository):
+        entry = await cache.tags.get(repository, tag)
+        if entry is not None and entry.digest == reference:
+            await cache.tags.delete(repository, tag)
 
 
 def add_routes(app: web.Application) -> None:

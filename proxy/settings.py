@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from proxy.references import normalize_registry, validate_registry
 
 ENV_PREFIX = "REGISTRY_GATE_"
+_KUBERNETES_SERVICE_LINK = re.compile(r"REGISTRY_GATE_(PORT(_\d+_(TCP|UDP|SCTP)\w*)?|SERVICE_\w+)")
 _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]i?B?|B)?\s*", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1}
 for _i, _p in enumerate("KMGTP", start=1):
@@ -280,6 +281,9 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict
     result: dict[str, Any] = dict(raw)
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
+            continue
+        if _KUBERNETES_SERVICE_LINK.match(name):
+            # Kubernetes injects these for a Service named registry-gate; not config.
             continue
         path = [part.lower() for part in name.removeprefix(ENV_PREFIX).split("__") if part]
         if not path:

@@ -58,9 +58,10 @@ class VerifiedToken:
         )
 
 
-def _algorithm_for(key: PrivateKey | PublicKey) -> str:
+def _algorithm_for(key: PrivateKey | PublicKey, allowed: Sequence[str] = ()) -> str:
     if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-        return "RS256"
+        # One RSA key serves RS* and PS*: the issuer's configured algorithm says which.
+        return next((a for a in allowed if a.startswith(("RS", "PS"))), "RS256")
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
         curve = key.curve.name
         return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}[curve]
@@ -150,7 +151,7 @@ class _ExternalIssuer:
         if settings.jwks_file is not None:
             self.keys = _parse_jwks(_read_json(settings.jwks_file), settings.algorithms)
         elif settings.public_key_file is not None:
-            self.keys = {None: _public_key_from_pem(settings.public_key_file)}
+            self.keys = {None: _public_key_from_pem(settings.public_key_file, settings.algorithms)}
 
     async def key_for(self, kid: str | None) -> _Key | None:
         key = self.keys.get(kid)
@@ -184,7 +185,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return document
 
 
-def _public_key_from_pem(path: Path) -> _Key:
+def _public_key_from_pem(path: Path, allowed: Sequence[str]) -> _Key:
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as exc:
@@ -193,7 +194,7 @@ def _public_key_from_pem(path: Path) -> _Key:
         ) from exc
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise ConfigError("auth.trusted_issuers: only RSA and EC keys are supported")
-    return _Key(key, _algorithm_for(key))
+    return _Key(key, _algorithm_for(key, allowed))
 
 
 def _parse_jwks(document: dict[str, Any], allowed: Sequence[str]) -> dict[str | None, _Key]:
@@ -207,7 +208,9 @@ def _parse_jwks(document: dict[str, Any], allowed: Sequence[str]) -> dict[str | 
             continue
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             continue
-        algorithm = _algorithm_for(key)
+        declared = entry.get("alg")
+        algorithm = declared if isinstance(declared, str) and declared in allowed else None
+        algorithm = algorithm or _algorithm_for(key, allowed)
         if algorithm in allowed:
             keys[entry.get("kid")] = _Key(key, algorithm)
     return keys

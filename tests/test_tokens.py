@@ -651,11 +651,6 @@ async def test_jwks_skips_symmetric_and_disallowed_keys(
     await refused(verifier, forge({"alg": "ES256", "kid": "ec-1"}, idp_claims(), es256(ec_key)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tokens.py maps every RSA key to RS256, so the accepted settings values "
-    "RS384/RS512/PS256 can never verify",
-)
 async def test_rsa_issuer_with_ps256(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     entry = jwk_of(rsa_key, "ps")
     entry["alg"] = "PS256"
