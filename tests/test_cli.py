@@ -29,7 +29,7 @@ upstreams:
     url: http://127.0.0.1:5003
 push_registry: registry.corp.example
 policy:
-  files: [policies/enterprise.yaml]
+  files: [@REPO@/policies/enterprise.yaml]
 auth:
   mode: none
 audit:
@@ -39,6 +39,7 @@ audit:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_GATE_")}
+    environ.setdefault("DOCKERHUB_TOKEN", "test-token")
     environ.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
@@ -53,7 +54,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def write(tmp_path: Path, text: str, name: str = "gate.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(text)
+    path.write_text(text.replace("@REPO@", str(REPO)))
     return path
 
 
@@ -73,8 +74,27 @@ def assert_one_line_config_error(result: subprocess.CompletedProcess[str], *need
 def test_good_config_exits_0(tmp_path: Path) -> None:
     result = run_cli("check-config", "--config", str(write(tmp_path, GOOD)))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok: 3 upstreams, listen 127.0.0.1:5000"
+    assert result.stdout.startswith("ok: 3 upstreams, listen 127.0.0.1:5000, policy ")
+    assert "(4 rules)" in result.stdout
     assert result.stderr == ""
+
+
+def test_check_config_reads_what_serve_reads(tmp_path: Path) -> None:
+    # The password variable named by password_env is unset: serve would fail, so must this.
+    environ_without = {"DOCKERHUB_TOKEN": ""}
+    result = run_cli("check-config", "--config", str(write(tmp_path, GOOD)), env=environ_without)
+    assert result.returncode == 0  # set but empty is a value
+    os_env = {k: v for k, v in os.environ.items() if k != "DOCKERHUB_TOKEN"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", "--config", str(tmp_path / "gate.yaml")],
+        cwd=REPO,
+        env={k: v for k, v in os_env.items() if not k.startswith("REGISTRY_GATE_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert_one_line_config_error(completed, "password_env", "DOCKERHUB_TOKEN")
 
 
 @pytest.mark.parametrize(
@@ -161,6 +181,9 @@ def test_serve_bad_config_exits_2(tmp_path: Path) -> None:
     assert_one_line_config_error(run_cli("serve", "--config", str(path)), "upstreams.1.url")
 
 
-def test_main_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKERHUB_TOKEN", "test-token")
     assert main(["check-config", "--config", str(write(tmp_path, GOOD))]) == 0
     assert capsys.readouterr().out.startswith("ok: 3 upstreams")
