@@ -29,6 +29,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -592,3 +593,70 @@ def test_containerd_pull_with_hosts_dir_sends_ns(
     assert sha256(config.encode()) == manifest.config.digest
     if ref != BUSYBOX_V2S2:
         assert config_label(config) == role
+
+
+# -- the generated client configuration --------------------------------------------------------
+
+
+def client_config_files(gate: GateProcess, client: str) -> dict[str, str]:
+    """``registry-gate client-config CLIENT`` for this gate, as {path: content}."""
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "client-config",
+            client,
+            "--url",
+            gate.url,
+            "--config",
+            str(gate.config_path),
+        ]
+    )
+    files: dict[str, str] = {}
+    for section in proc.stdout.split("### ")[1:]:
+        path, _, content = section.partition("\n")
+        files[path.strip()] = content
+    return files
+
+
+def test_generated_containerd_hosts_pull_without_fallback(
+    containerd: Containerd,
+    gate: GateProcess,
+    upstreams: Upstreams,
+    no_fallback: StandIn,
+    tmp_path: Path,
+) -> None:
+    """The hosts.toml files `client-config containerd` prints, installed as they are:
+    the gate is both the host and the `server`, so nothing can fall back."""
+    files = client_config_files(gate, "containerd")
+    assert "/etc/containerd/certs.d/_default/hosts.toml" in files
+    for path, content in files.items():
+        registry = Path(path).parent.name
+        (tmp_path / registry).mkdir()
+        (tmp_path / registry / "hosts.toml").write_text(content)
+        assert f'server = "{gate.url}"' in content
+    image = "quay.io/coreos/etcd:v3.5.0"
+    proc = containerd.ctr(
+        "images", "pull", "--plain-http", "--http-dump", "--hosts-dir", str(tmp_path), image
+    )
+    assert "ns=quay.io" in proc.stdout + proc.stderr
+    listing = containerd.ctr("images", "ls").stdout
+    line = next(li for li in listing.splitlines() if li.startswith(image + " "))
+    assert upstreams.quay["coreos/etcd:v3.5.0"].digest in line.split(), line
+
+
+def test_generated_podman_registries_conf_pulls_by_path_prefix(
+    gate: GateProcess, upstreams: Upstreams, no_fallback: StandIn, tmp_path: Path
+) -> None:
+    """The registries.conf `client-config podman` prints: every registry's location is
+    the gate with a path prefix, so podman never talks to a registry directly."""
+    require("podman")
+    (conf,) = client_config_files(gate, "podman").values()
+    assert f'location = "{gate.host}/quay.io"' in conf
+    with short_dir() as runroot:
+        local = Podman(tmp_path, conf, runroot)
+        local("pull", "quay.io/coreos/etcd:v3.5.0")
+        info = local.inspect("quay.io/coreos/etcd:v3.5.0")
+    assert info["Digest"] == upstreams.quay["coreos/etcd:v3.5.0"].digest
+    assert info["Labels"][ORIGIN_LABEL] == "quay"
