@@ -39,6 +39,7 @@ from proxy.upstream import UpstreamClient
 log = logging.getLogger("registry_gate")
 # Headers (and the request line) larger than this are refused with 431/400.
 MAX_HEADER_SIZE = 16 * 1024
+KEEPALIVE_SECONDS = 75.0
 
 
 def build_services(settings: Settings) -> Services:
@@ -152,7 +153,15 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     """The aiohttp application for these settings."""
     app = web.Application(
         middlewares=[error_middleware, auth_middleware],
-        handler_args={"max_line_size": MAX_HEADER_SIZE, "max_field_size": MAX_HEADER_SIZE},
+        handler_args={
+            "max_line_size": MAX_HEADER_SIZE,
+            "max_field_size": MAX_HEADER_SIZE,
+            # Upload bodies are forwarded byte for byte: never gunzip what a client sent.
+            "auto_decompress": False,
+            # An idle connection is closed after this; a client that drips its headers is
+            # not (aiohttp has no header deadline): see the README's limitations.
+            "keepalive_timeout": KEEPALIVE_SECONDS,
+        },
         client_max_size=4 * 1024 * 1024,
     )
     app[SERVICES] = services or build_services(settings)
