@@ -36,7 +36,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from tests.support.netns import in_private_netns
 
@@ -49,6 +48,7 @@ __all__ = [
     "client_config_docker",
     "docker_missing",
     "loopback_only_netns",
+    "short_state_dir",
 ]
 
 DOCKERD = "/usr/sbin/dockerd"
@@ -430,8 +430,3 @@ def short_state_dir(preferred: Path) -> Path:
         preferred.mkdir(parents=True, exist_ok=True)
         return preferred
     return Path(tempfile.mkdtemp(prefix="rg-dockerd-"))
-
-
-def mirror_host(url: str) -> str:
-    """``127.0.0.1:PORT`` of a mirror URL."""
-    return urlsplit(url).netloc
