@@ -133,9 +133,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     name, scope, action = _scope_for(request)
     verified = await authenticator.verify_request(request.headers, realm, scope)
     if name is not None and not verified.allows(name, action):
-        if not verified.principal.anonymous and not services.may(
-            verified.principal, action, name
-        ):
+        if not verified.principal.anonymous and not services.may(verified.principal, action, name):
             # No token would help: policy refuses this user. The handler decides again and
             # answers 403 DENIED naming the rule (audited), before anything goes upstream.
             request["principal"] = verified.principal

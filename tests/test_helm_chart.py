@@ -330,16 +330,20 @@ def test_pod_security(scenario: tuple[str, Rendered]) -> None:
 def test_service_links_are_off_because_the_gate_reads_its_prefix(
     scenario: tuple[str, Rendered],
 ) -> None:
-    """Kubernetes injects REGISTRY_GATE_PORT etc. for a Service named registry-gate,
-    and the gate takes every REGISTRY_GATE_* variable for a gate.yaml override."""
+    """Kubernetes injects REGISTRY_GATE_PORT etc. for a Service named registry-gate;
+    the chart turns service links off, and the gate ignores those names anyway."""
     _, rendered = scenario
     assert rendered.pod_spec["enableServiceLinks"] is False
     service_links = {
         "REGISTRY_GATE_SERVICE_HOST": "10.96.0.10",
+        "REGISTRY_GATE_SERVICE_PORT": "5000",
         "REGISTRY_GATE_PORT": "tcp://10.96.0.10:5000",
+        "REGISTRY_GATE_PORT_5000_TCP_ADDR": "10.96.0.10",
     }
+    settings = load_settings(ROOT / "deploy" / "gate.yaml", environ=service_links)
+    assert settings.listen == "0.0.0.0:5000"
     with pytest.raises(ConfigError):
-        load_settings(ROOT / "deploy" / "gate.yaml", environ=service_links)
+        load_settings(ROOT / "deploy" / "gate.yaml", environ={"REGISTRY_GATE_LISTEN": "nope"})
     for env in rendered.container["env"]:
         if env["name"].startswith("REGISTRY_GATE_"):
             assert env["name"] == "REGISTRY_GATE_UPLOAD_SECRET"
