@@ -149,6 +149,22 @@ class Gatekeeper:
             if error.status == 403:
                 self.metrics.shortname_resolutions.labels("denied").inc()
                 await self._record_denial(context, "pull", target.requested, None, error)
+            elif target.repository is None:
+                # No candidate has it (404), or a search registry failed (no fall-through).
+                outcome = "not_found" if error.status == 404 else "error"
+                self.metrics.shortname_resolutions.labels(outcome).inc()
+                if outcome == "error":
+                    # Design §4: every resolution is audited, a failed one too.
+                    log.warning("short name %s not resolved: %s", target.requested, error.message)
+                    await self.record(
+                        context,
+                        event="resolution",
+                        action="pull",
+                        name=target.requested,
+                        decision="error",
+                        status=error.status,
+                        reason=error.message,
+                    )
             raise
         tag = reference if kind == "manifest" and reference and not is_digest(reference) else None
         digest = reference if reference and is_digest(reference) else None
@@ -193,7 +209,7 @@ class Gatekeeper:
         if not decision.allowed:
             log.info("denied: %s", decision.message)
             await self._record_denial(
-                context, decision.action, target.requested, str(repository), decision
+                context, decision.action, target.requested, decision.reference, decision
             )
             decision.check()
         location = self._located(snapshot, repository) if decision.action == "pull" else repository

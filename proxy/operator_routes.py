@@ -12,7 +12,12 @@ from proxy.services import SERVICES
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition of the gate's private registry."""
-    body, content_type = request.app[SERVICES].metrics.render(request.headers.get("Accept"))
+    services = request.app[SERVICES]
+    cache = services.pull.cache
+    if cache is not None:
+        # The blob store keeps its running total; publish it as the scrape reads it.
+        services.metrics.cache_bytes.set((await cache.blobs.stats()).bytes)
+    body, content_type = services.metrics.render(request.headers.get("Accept"))
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
