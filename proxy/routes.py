@@ -112,6 +112,7 @@ async def _manifest(
         action="pull",
         name=f"{target.requested}:{route.ref}" if not is_digest(route.ref) else target.requested,
         access=access,
+        resolved=access.repository.reference(route.ref),
         digest=result.info.digest,
         status=200,
         size=result.info.size,

@@ -292,7 +292,7 @@ def test_a_skopeo_pull_and_a_denial_are_audited(
     )
     assert record["action"] == "pull"
     assert record["principal"] == {"user": None, "groups": []}
-    assert record["resolved"] == "docker.io/library/busybox"
+    assert record["resolved"] == "docker.io/library/busybox:1.36"
     assert record["digest"] == pushed.digest
     assert (record["decision"], record["rule"]) == ("allow", "hub-official-images")
     assert (record["upstream"], record["status"]) == ("docker.io", 200)
@@ -313,7 +313,7 @@ def test_a_skopeo_pull_and_a_denial_are_audited(
     (short, *_) = wait_for_records(
         gate, lambda r: r["event"] == "manifest_pull" and r["name"] == "team/app:1"
     )
-    assert (short["resolved"], short["upstream"]) == (f"{CORP}/team/app", CORP)
+    assert (short["resolved"], short["upstream"]) == (f"{CORP}/team/app:1", CORP)
     assert (short["digest"], short["rule"]) == (corp_app.digest, "corp-internal")
     resolution = short["extra"]["resolution"]
     assert resolution["reason"] in ("search", "pin")
@@ -337,8 +337,8 @@ def test_a_skopeo_pull_and_a_denial_are_audited(
     )
     assert (refusal["action"], refusal["decision"], refusal["status"]) == ("pull", "deny", 403)
     assert refusal["rule"] == "hub-official-images"
-    # The refused tag is only in the reason: name and resolved are the repository.
-    assert refusal["resolved"] == "docker.io/library/busybox"
+    # The refused reference, tag included, is the resolved field.
+    assert refusal["resolved"] == "docker.io/library/busybox:latest"
     assert "hub-official-images" in refusal["reason"]
     assert refusal["principal"] == {"user": None, "groups": []}
 
