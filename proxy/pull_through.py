@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from proxy.cache import Cache
 from proxy.errors import ServiceUnavailable, UpstreamTimeout, UpstreamUnavailable
 from proxy.manifest_cache import TagEntry
-from proxy.manifest_checks import MAX_MANIFEST_SIZE, ManifestInfo, inspect_manifest
+from proxy.manifest_checks import MAX_MANIFEST_SIZE, ManifestInfo, digest_of, inspect_manifest
 from proxy.metrics import Metrics
 from proxy.references import Repository, is_digest, validate_digest
 from proxy.singleflight import StreamedBlob, UpstreamBlob
@@ -202,6 +202,11 @@ class PullThrough:
             body = await read_capped(response, MAX_MANIFEST_SIZE)
         finally:
             response.release()
+        if requested_digest is not None and self.metrics is not None:
+            algorithm = requested_digest.split(":", 1)[0]
+            if digest_of(body, algorithm) != requested_digest:
+                # Counted like a blob's; inspect_manifest refuses it (502, not cached).
+                self.metrics.digest_mismatches.labels(client.name).inc()
         info = inspect_manifest(
             body, response.headers.get("Content-Type"), requested_digest, client.name
         )

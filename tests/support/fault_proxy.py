@@ -12,7 +12,8 @@ matching requests:
   half), then abort the connection;
 - ``short``: send ``keep`` bytes chunked (no length) and end the body cleanly;
 - ``html``: answer 200 with an HTML page instead of the body;
-- ``stall``: send ``keep`` bytes, wait for ``release()`` (or ``timeout``), send the rest;
+- ``stall``: send ``keep`` bytes, wait for ``release()`` (or ``timeout``), send the rest
+  (any body fault also pauses like this at ``pause_at`` bytes, when set);
 - ``hang``: answer nothing until ``release()`` (or ``timeout``), then forward;
 - ``status``: answer ``status`` (default 503) with an OCI error body;
 - ``429``: answer 429 with ``Retry-After``.
@@ -36,6 +37,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 __all__ = [
     "FAULT_KINDS",
@@ -48,9 +50,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-FAULT_KINDS = frozenset(
-    {"corrupt", "truncate", "short", "html", "stall", "hang", "status", "429"}
-)
+FAULT_KINDS = frozenset({"corrupt", "truncate", "short", "html", "stall", "hang", "status", "429"})
 # Faults that change a body: by default they apply to blob GETs only.
 BODY_FAULTS = frozenset({"corrupt", "truncate", "short", "html", "stall"})
 HOP_BY_HOP = frozenset(
@@ -133,10 +133,12 @@ class Fault:
     times: int | None = None
     offset: int | None = None  # corrupt: which byte of the body
     keep: int | None = None  # truncate/short/stall: bytes sent first
+    pause_at: int | None = None  # any body fault: wait for release() after this many bytes
     status: int = 503
     retry_after: str = "7"
     timeout: float = 30.0  # hang/stall: longest wait for release()
     hits: int = 0
+    released: bool = False  # set by release(): holds no more
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -165,7 +167,7 @@ class Passed:
     kind: str
     fault: str | None
     status: int | None = None  # None: no answer (yet, or the upstream was unreachable)
-    body_bytes: int = 0
+    body_bytes: int = 0  # handed to the client's connection so far
 
 
 @dataclass
@@ -291,12 +293,13 @@ class FaultProxy:
     # -- faults ------------------------------------------------------------------------
 
     def set_fault(self, kind: str | Fault | None, **options: Any) -> Fault | None:
-        """Switch a fault on (``set_fault("corrupt", contains=digest)``) or off (None)."""
+        """Switch a fault on (``set_fault("corrupt", contains=digest)``) or off (None);
+        requests held by the fault it replaces are released."""
         fault = kind if isinstance(kind, Fault) or kind is None else Fault(kind, **options)
         with self._lock:
-            self._fault = fault
-        if fault is None:
-            self.release()
+            old, self._fault = self._fault, fault
+        if old is not None:
+            self._release_fault(old)
         return fault
 
     def clear_fault(self) -> None:
@@ -313,7 +316,15 @@ class FaultProxy:
             self.clear_fault()
 
     def release(self) -> None:
-        """Let every hanging or stalled request go on."""
+        """Let every request the current fault holds (hang, stall, pause) go on, and
+        those that reach its hold later: from now on the fault no longer holds."""
+        with self._lock:
+            fault = self._fault
+        if fault is not None:
+            self._release_fault(fault)
+
+    def _release_fault(self, fault: Fault) -> None:
+        fault.released = True
         loops = self._loops
         if loops is not None and not loops.loop.is_closed():
             loops.loop.call_soon_threadsafe(self._wake)
@@ -323,11 +334,16 @@ class FaultProxy:
         if event is not None:
             event.set()
 
-    async def _wait_release(self, timeout: float) -> None:
-        event = self._release
-        assert event is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+    async def _wait_release(self, fault: Fault) -> None:
+        deadline = asyncio.get_running_loop().time() + fault.timeout
+        while not fault.released:
+            event = self._release
+            assert event is not None
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
 
     def _take_fault(self, method: str, kind: str, path_qs: str) -> Fault | None:
         with self._lock:
@@ -382,6 +398,8 @@ class FaultProxy:
             self._state.log.append(passed)
 
     def _sent(self, passed: Passed, size: int) -> None:
+        # Counted when handed to the transport (before the write returns): an upper
+        # bound of what the client can have received, e.g. while a stall holds.
         with self._lock:
             passed.body_bytes += size
             self._state.body_bytes[passed.kind] += size
@@ -393,13 +411,17 @@ class FaultProxy:
         fault = self._take_fault(request.method, kind, request.path_qs)
         passed = Passed(request.method, request.path_qs, kind, fault.kind if fault else None)
         self._record(passed)
-        return await self._answer(request, kind, fault, passed)
+        try:
+            return await self._answer(request, kind, fault, passed)
+        except ConnectionResetError:
+            # The client (the gate) went away, e.g. it timed out a hang: not our error.
+            return web.Response(status=499)
 
     async def _answer(
         self, request: web.Request, kind: str, fault: Fault | None, passed: Passed
     ) -> web.StreamResponse:
         if fault is not None and fault.kind == "hang":
-            await self._wait_release(fault.timeout)
+            await self._wait_release(fault)
         if fault is not None and fault.kind in ("status", "429"):
             status = 429 if fault.kind == "429" else fault.status
             code = "TOOMANYREQUESTS" if status == 429 else "UNAVAILABLE"
@@ -410,7 +432,10 @@ class FaultProxy:
                 status=status, text=body, content_type="application/json", headers=headers
             )
         assert self._session is not None
-        outgoing = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        # A multidict: a client's several Accept lines must all reach the upstream.
+        outgoing = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
+        )
         data = await request.read() if request.body_exists else None
         try:
             upstream = await self._session.request(
@@ -446,9 +471,15 @@ class FaultProxy:
         )
         if body_fault is not None and body_fault.kind == "html":
             await upstream.read()
-            response = web.Response(status=200, body=HTML_PAGE, content_type="text/html")
+            page = web.StreamResponse(status=200, headers={"Content-Type": "text/html"})
+            page.content_length = len(HTML_PAGE)
+            await page.prepare(request)
+            if body_fault.pause_at is not None:
+                await self._wait_release(body_fault)
             self._sent(passed, len(HTML_PAGE))
-            return response
+            await page.write(HTML_PAGE)
+            await page.write_eof()
+            return page
         response = web.StreamResponse(status=upstream.status)
         for name, value in headers:
             response.headers.add(name, value)
@@ -464,35 +495,48 @@ class FaultProxy:
             await upstream.read()
             await response.write_eof()
             return response
-        flip_at = None
-        if body_fault is not None and body_fault.kind == "corrupt":
-            flip_at = body_fault.offset if body_fault.offset is not None else (length or 2) // 2
+        flip_at = pause = cut = None
+        if body_fault is not None:
+            half = (length or 2) // 2
+            if body_fault.kind == "corrupt":
+                flip_at = body_fault.offset if body_fault.offset is not None else half
+            pause = body_fault.pause_at
+            if body_fault.kind == "stall":
+                pause = keep
+            elif body_fault.kind in ("truncate", "short"):
+                cut = keep
         sent = 0
-        async for chunk in upstream.content.iter_chunked(CHUNK):
+        async for data in upstream.content.iter_chunked(CHUNK):
+            chunk = data
             if flip_at is not None and sent <= flip_at < sent + len(chunk):
                 mutable = bytearray(chunk)
                 mutable[flip_at - sent] ^= 0xFF
                 chunk = bytes(mutable)
-            if keep is not None and sent + len(chunk) >= keep:
-                head, chunk = chunk[: keep - sent], chunk[keep - sent :]
+            while chunk:
+                stops = [b for b in (pause, cut) if b is not None]
+                stop = min(stops) if stops else None
+                if stop is None or sent + len(chunk) < stop:
+                    self._sent(passed, len(chunk))
+                    sent += len(chunk)
+                    await response.write(chunk)
+                    break
+                head, chunk = chunk[: stop - sent], chunk[stop - sent :]
                 if head:
-                    await response.write(head)
-                    sent += len(head)
                     self._sent(passed, len(head))
+                    sent += len(head)
+                    await response.write(head)
+                if stop == pause:
+                    assert body_fault is not None
+                    await self._wait_release(body_fault)
+                    pause = None
+                    continue
                 assert body_fault is not None
                 if body_fault.kind == "truncate":
                     if request.transport is not None:
                         request.transport.abort()
                     return response
-                if body_fault.kind == "short":
-                    await response.write_eof()
-                    return response
-                await self._wait_release(body_fault.timeout)  # stall
-                keep = None
-            if chunk:
-                await response.write(chunk)
-                sent += len(chunk)
-                self._sent(passed, len(chunk))
+                await response.write_eof()  # short: a clean, early end
+                return response
         await response.write_eof()
         return response
 
