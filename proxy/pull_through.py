@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from cachetools import LRUCache
 from multidict import CIMultiDict
 
 from proxy.cache import Cache
@@ -80,6 +81,7 @@ class PullThrough:
         self.cache = cache
         self.metrics = metrics
         self.fill_upstreams: dict[str, str] = {}
+        self._inspected: LRUCache[str, ManifestInfo] = LRUCache(maxsize=4096)
 
     def client(self, repository: Repository) -> UpstreamClient:
         """The upstream client for a (located, configured) repository."""
@@ -124,7 +126,11 @@ class PullThrough:
         cached = await self.cache.manifests.get(digest)
         if cached is None or not accepts(cached.media_type, accept):
             return None
-        info = inspect_manifest(cached.body, cached.media_type, digest, "cache")
+        info = self._inspected.get(digest)
+        if info is None:
+            # The store verified the bytes against the digest; parsing them once is enough.
+            info = inspect_manifest(cached.body, cached.media_type, digest, "cache")
+            self._inspected[digest] = info
         return ManifestResult(info, cached.body, "cache")
 
     async def _manifest_by_tag(
