@@ -19,7 +19,12 @@ from cachetools import LRUCache
 from multidict import CIMultiDict
 
 from proxy.cache import Cache
-from proxy.errors import ServiceUnavailable, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import (
+    ServiceUnavailable,
+    TooManyRequests,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from proxy.manifest_cache import TagEntry
 from proxy.manifest_checks import MAX_MANIFEST_SIZE, ManifestInfo, digest_of, inspect_manifest
 from proxy.metrics import Metrics
@@ -65,7 +70,9 @@ def accepts(media_type: str, accept: Sequence[str]) -> bool:
     return not offered or "*/*" in offered or media_type in offered
 
 
-_STALE_OK_ERRORS = (UpstreamUnavailable, UpstreamTimeout, ServiceUnavailable)
+# Upstream failures after which a cached tag may be served stale (a rate limit too: the
+# cached answer is better than none while Docker Hub refuses).
+_STALE_OK_ERRORS = (UpstreamUnavailable, UpstreamTimeout, ServiceUnavailable, TooManyRequests)
 
 
 class PullThrough:
