@@ -310,6 +310,9 @@ def test_daemon_pulls_short_names_corp_first(
     assert daemon.label("team/app:1", ORIGIN_LABEL) == "corp"
     assert repo_digest(daemon, "team/app:1") == upstreams.corp["team/app:1"].digest
     assert upstreams.corp["team/app:1"].digest != upstreams.hub["team/app:1"].digest
+    # The resolution is pinned: the same command keeps meaning corp's image.
+    pins = json.loads((gate.directory / "storage" / "pins.json").read_text())["pins"]
+    assert pins["team/app"]["repository"] == "registry.corp.example/team/app"
 
     pulled(daemon, gate, "alpine:3.19")
     assert daemon.label("alpine:3.19", ORIGIN_LABEL) == "hub"

@@ -86,6 +86,22 @@ def moved(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
     return after.value(name, **labels) - before.value(name, **labels)
 
 
+def settled_scrape(gate: GateProcess, before: Scrape, requests: int) -> Scrape:
+    """A scrape once `requests` more client requests were counted. The gate counts a
+    request after its handler returns, which for a streamed blob can be a moment after
+    the client has read the last byte."""
+    deadline = time.monotonic() + 5
+    while True:
+        after = scrape(gate.url)
+        counted = sum(
+            moved(before, after, "registry_gate_requests_total", route=route)
+            for route in ("manifest", "blob")
+        )
+        if counted >= requests or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
 def audit_records(gate: GateProcess, *files: Path) -> list[dict[str, Any]]:
     paths = files or (audit_path(gate),)
     records = []
@@ -132,9 +148,9 @@ def test_a_pull_misses_then_hits_and_counts_requests_by_route(
 
     before = scrape(gate.url)
     first = pull(gate, name, "3.19")
-    cold = scrape(gate.url)
+    cold = settled_scrape(gate, before, len(first))
     second = pull(gate, name, "3.19")
-    warm = scrape(gate.url)
+    warm = settled_scrape(gate, cold, len(second))
     assert [r.body for r in first] == [r.body for r in second]
 
     requests = "registry_gate_requests_total"
