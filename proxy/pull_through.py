@@ -53,7 +53,7 @@ class BlobStream:
 
     status: int
     headers: CIMultiDict[str]
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncIterator[bytes] | None  # None for HEAD
 
 
 def _accept_headers(accept: Sequence[str]) -> CIMultiDict[str]:
@@ -207,21 +207,20 @@ class PullThrough:
                 info = ManifestInfo(digest, media_type.split(";", 1)[0].strip(), int(length))
                 return ManifestResult(info, None)
             # Without a usable digest header the only way to answer is to GET and hash.
-        response = await client.request(
-            "GET", path, kind="manifest", repository=repository.path, headers=headers
+        response_headers, body = await client.get_body(
+            path,
+            kind="manifest",
+            repository=repository.path,
+            limit=MAX_MANIFEST_SIZE,
+            headers=headers,
         )
-        await client.raise_for_status(response, "manifest")
-        try:
-            body = await read_capped(response, MAX_MANIFEST_SIZE)
-        finally:
-            response.release()
         if requested_digest is not None and self.metrics is not None:
             algorithm = requested_digest.split(":", 1)[0]
             if digest_of(body, algorithm) != requested_digest:
                 # Counted like a blob's; inspect_manifest refuses it (502, not cached).
                 self.metrics.digest_mismatches.labels(client.name).inc()
         info = inspect_manifest(
-            body, response.headers.get("Content-Type"), requested_digest, client.name
+            body, response_headers.get("Content-Type"), requested_digest, client.name
         )
         return ManifestResult(info, None if head else body)
 
@@ -319,6 +318,9 @@ class PullThrough:
                 out[name] = response.headers[name]
         out["Content-Type"] = "application/octet-stream"
         out["Docker-Content-Digest"] = digest
+        if head:
+            response.release()
+            return BlobStream(response.status, out, None)
         return BlobStream(response.status, out, _relay(response, client.name))
 
     async def tags(self, repository: Repository) -> list[str]:
@@ -328,14 +330,9 @@ class PullThrough:
         query: list[tuple[str, str]] = []
         tags: list[str] = []
         for _page in range(MAX_TAG_PAGES):
-            response = await client.request(
-                "GET", path, kind="tags", repository=repository.path, query=query
+            response_headers, body = await client.get_body(
+                path, kind="tags", repository=repository.path, limit=MAX_MANIFEST_SIZE, query=query
             )
-            await client.raise_for_status(response, "tags")
-            try:
-                body = await read_capped(response, MAX_MANIFEST_SIZE)
-            finally:
-                response.release()
             try:
                 document = json.loads(body)
                 tags.extend(str(tag) for tag in document.get("tags") or [])
@@ -343,7 +340,7 @@ class PullThrough:
                 raise UpstreamUnavailable(
                     f"upstream {client.name} sent an invalid tag list"
                 ) from exc
-            link = response.headers.get("Link", "")
+            link = response_headers.get("Link", "")
             next_query = _next_query(link)
             if next_query is None:
                 break

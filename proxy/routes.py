@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from proxy.addressing import Target, V2Route, locate, parse_v2_path
 from proxy.errors import NameInvalid, NameUnknown, Unsupported
@@ -160,20 +161,35 @@ async def _blob(
                 headers["Content-Range"] = content_range(first, last, blob.size)
                 status = 206
         response = web.StreamResponse(status=status, headers=headers)
-        if blob.length is not None:
-            response.content_length = blob.length
-        await response.prepare(request)
-        try:
-            async for chunk in blob:
+        return await _send_stream(
+            request, response, blob.length, blob, services.metrics.served_bytes.labels("upstream")
+        )
+
+
+async def _send_stream(
+    request: web.Request,
+    response: web.StreamResponse,
+    length: int | None,
+    chunks: AsyncIterator[bytes] | None,
+    served: Counter | None = None,
+) -> web.StreamResponse:
+    """Send a streamed body; a failure after the headers cuts the connection short."""
+    if length is not None:
+        response.content_length = length
+    await response.prepare(request)
+    try:
+        if chunks is not None:
+            async for chunk in chunks:
                 await response.write(chunk)
-                services.metrics.served_bytes.labels("upstream").inc(len(chunk))
-        except Exception:
-            # Headers are gone: the only honest signal left is a body that ends short.
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        await response.write_eof()
+                if served is not None:
+                    served.inc(len(chunk))
+    except Exception:
+        # Headers are gone: the only honest signal left is a body that ends short.
+        if request.transport is not None:
+            request.transport.abort()
         return response
+    await response.write_eof()
+    return response
 
 
 async def _relay_blob(
@@ -183,19 +199,8 @@ async def _relay_blob(
     head = request.method == "HEAD"
     stream = await services.pull.blob(repository, digest, request.headers.get("Range"), head=head)
     response = web.StreamResponse(status=stream.status, headers=stream.headers)
-    if "Content-Length" in stream.headers:
-        response.content_length = int(stream.headers["Content-Length"])
-    await response.prepare(request)
-    try:
-        if not head:
-            async for chunk in stream.chunks:
-                await response.write(chunk)
-    except Exception:
-        if request.transport is not None:
-            request.transport.abort()
-        return response
-    await response.write_eof()
-    return response
+    length = stream.headers.get("Content-Length")
+    return await _send_stream(request, response, int(length) if length else None, stream.chunks)
 
 
 async def _tags(

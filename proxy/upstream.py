@@ -430,6 +430,26 @@ class UpstreamClient:
             f"upstream {self.name} redirected more than {MAX_REDIRECTS} times"
         )
 
+    async def get_body(
+        self,
+        path: str,
+        *,
+        kind: Kind,
+        repository: str,
+        limit: int,
+        query: Iterable[tuple[str, str]] = (),
+        headers: Mapping[str, str] | CIMultiDict[str] | None = None,
+    ) -> tuple[Mapping[str, str], bytes]:
+        """GET a small document (manifest, tag list): its headers and its capped body."""
+        response = await self.request(
+            "GET", path, kind=kind, repository=repository, query=query, headers=headers
+        )
+        await self.raise_for_status(response, kind)
+        try:
+            return response.headers, await read_capped(response, limit)
+        finally:
+            response.release()
+
     async def raise_for_status(self, response: aiohttp.ClientResponse, kind: Kind) -> None:
         """Raise the mapped OCI error (and release) unless the response is a success."""
         if response.status < 400:
