@@ -39,7 +39,6 @@ from proxy.upstream import UpstreamClient
 log = logging.getLogger("registry_gate")
 # Headers (and the request line) larger than this are refused with 431/400.
 MAX_HEADER_SIZE = 16 * 1024
-KEEPALIVE_SECONDS = 75.0
 
 
 def build_services(settings: Settings) -> Services:
@@ -158,9 +157,9 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
             "max_field_size": MAX_HEADER_SIZE,
             # Upload bodies are forwarded byte for byte: never gunzip what a client sent.
             "auto_decompress": False,
-            # An idle connection is closed after this; a client that drips its headers is
-            # not (aiohttp has no header deadline): see the README's limitations.
-            "keepalive_timeout": KEEPALIVE_SECONDS,
+            # aiohttp arms this timer when a connection opens and only a complete request
+            # stops it, so it is also the deadline for a client that drips its headers.
+            "keepalive_timeout": settings.idle_timeout,
         },
         client_max_size=4 * 1024 * 1024,
     )

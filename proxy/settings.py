@@ -235,6 +235,11 @@ class Settings(_Strict):
     auth: AuthSettings = AuthSettings()
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
+    idle_timeout: float = Field(
+        default=75.0,
+        gt=0,
+        description="close a client connection idle this long, or still sending headers",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 

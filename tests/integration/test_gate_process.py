@@ -7,12 +7,15 @@ pinned down here, without any real upstream.
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.gate import GateFactory, GateProcess, GateStartError
+from tests.support.gate import GateFactory, GateProcess, GateStartError, standard_upstreams
 from tests.support.registries import free_port
+from tests.support.upstreams import Upstreams
 from tests.support.wire import request
 
 NOWHERE = {"upstreams": [{"registry": "docker.io", "url": f"http://127.0.0.1:{free_port()}"}]}
@@ -46,3 +49,28 @@ def test_bad_configuration_fails_with_the_gates_message(tmp_path: Path) -> None:
     assert gate.returncode == 2
     assert "upstreams.0.url" in str(excinfo.value)
     assert "upstreams.0.url" in gate.log_text()
+
+
+def test_a_client_dripping_its_headers_is_cut_off(
+    gate_factory: GateFactory, upstreams: Upstreams
+) -> None:
+    """security.md 14: a client that never finishes its headers is disconnected at
+    `idle_timeout`, instead of holding a connection for as long as it drips."""
+    gate = gate_factory({"upstreams": standard_upstreams(upstreams), "idle_timeout": 1})
+    with socket.create_connection(("127.0.0.1", gate.port), timeout=5) as sock:
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: gate\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 20:
+            try:
+                sock.sendall(b"X-Drip: 1\r\n")
+                sock.settimeout(0.5)
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+                break
+    assert closed, "the gate kept a dripping connection open for 20 s"
