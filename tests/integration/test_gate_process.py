@@ -74,3 +74,21 @@ def test_a_client_dripping_its_headers_is_cut_off(
                 closed = True
                 break
     assert closed, "the gate kept a dripping connection open for 20 s"
+
+
+def test_metrics_on_a_separate_listen_address(
+    gate_factory: GateFactory, upstreams: Upstreams
+) -> None:
+    metrics_port = free_port()
+    gate = gate_factory(
+        {
+            "upstreams": standard_upstreams(upstreams),
+            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        }
+    )
+    assert request(gate.url, "GET", "/v2/").status == 200
+    scraped = request(f"http://127.0.0.1:{metrics_port}", "GET", "/metrics")
+    assert scraped.status == 200
+    assert b'registry_gate_requests_total{method="GET",route="v2",status="200"}' in scraped.body
+    # The registry port no longer answers /metrics (operators can firewall the other one).
+    assert request(gate.url, "GET", "/metrics").status == 404
