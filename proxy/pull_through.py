@@ -33,6 +33,13 @@ from proxy.singleflight import StreamedBlob, UpstreamBlob
 from proxy.upstream import UpstreamClient, read_capped
 
 EMPTY_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+# What a resolution probe accepts: any image manifest or index.
+PROBE_ACCEPT = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
 MAX_TAG_PAGES = 100
 STREAM_CHUNK = 256 * 1024
 
@@ -377,44 +384,23 @@ class PullThrough:
 
     async def repository_exists(self, repository: Repository) -> bool:
         """Whether the upstream knows the repository (its tag list); False only on 404."""
-        client = self.client(repository)
-        response = await client.request(
+        return await self.client(repository).probe(
             "GET",
             f"/v2/{repository.path}/tags/list",
             kind="tags",
             repository=repository.path,
             query=[("n", "1")],
         )
-        if response.status == 404:
-            response.release()
-            return False
-        await client.raise_for_status(response, "tags")
-        response.release()
-        return True
 
     async def exists(self, repository: Repository, reference: str) -> bool:
         """Whether the upstream has a manifest (HEAD); False only on 404, else raises."""
-        client = self.client(repository)
-        response = await client.request(
+        return await self.client(repository).probe(
             "HEAD",
             f"/v2/{repository.path}/manifests/{reference}",
             kind="manifest",
             repository=repository.path,
-            headers=_accept_headers(
-                [
-                    "application/vnd.oci.image.index.v1+json",
-                    "application/vnd.oci.image.manifest.v1+json",
-                    "application/vnd.docker.distribution.manifest.list.v2+json",
-                    "application/vnd.docker.distribution.manifest.v2+json",
-                ]
-            ),
+            headers=_accept_headers(PROBE_ACCEPT),
         )
-        if response.status == 404:
-            response.release()
-            return False
-        await client.raise_for_status(response, "manifest")
-        response.release()
-        return True
 
 
 def _valid_digest(digest: str) -> bool:

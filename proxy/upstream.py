@@ -430,6 +430,27 @@ class UpstreamClient:
             f"upstream {self.name} redirected more than {MAX_REDIRECTS} times"
         )
 
+    async def probe(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: Kind,
+        repository: str,
+        query: Iterable[tuple[str, str]] = (),
+        headers: Mapping[str, str] | CIMultiDict[str] | None = None,
+    ) -> bool:
+        """Whether the upstream has what `path` names: False on 404, raises on failures."""
+        response = await self.request(
+            method, path, kind=kind, repository=repository, query=query, headers=headers
+        )
+        if response.status == 404:
+            response.release()
+            return False
+        await self.raise_for_status(response, kind)
+        response.release()
+        return True
+
     async def get_body(
         self,
         path: str,
