@@ -22,6 +22,7 @@ from proxy.services import SERVICES
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 log = logging.getLogger("registry_gate.http")
+access_log = logging.getLogger("registry_gate.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _HTTP_CODES = {
@@ -71,8 +72,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     with request_id_bound(request["request_id"]):
         response = await _render_errors(request, handler)
     metrics = request.app[SERVICES].metrics
-    metrics.observe_request(
-        route_label(request), request.method, response.status, time.monotonic() - started
+    seconds = time.monotonic() - started
+    route = route_label(request)
+    metrics.observe_request(route, request.method, response.status, seconds)
+    # The access log: one structured line per request (the path never carries a secret;
+    # query strings and headers, which may, are left out).
+    access_log.info(
+        "%s %s %d",
+        request.method,
+        request.path,
+        response.status,
+        extra={
+            "request_id": request["request_id"],
+            "client": request.remote,
+            "route": route,
+            "status": response.status,
+            "duration_ms": round(seconds * 1000, 2),
+        },
     )
     if response.status == 403:
         metrics.observe_denial(
