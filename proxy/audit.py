@@ -43,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, BinaryIO, Protocol
 
+from proxy.durable_files import fsync_dir
 from proxy.metrics import Metrics
 from proxy.principal import ANONYMOUS, Principal
 from proxy.settings import AuditSettings
@@ -479,13 +480,8 @@ class _ChainedFile:
             os.fdatasync(self._fd)
 
     def _sync_directory(self) -> None:
-        if not self._fsync:
-            return
-        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        if self._fsync:
+            fsync_dir(self.path.parent)
 
     def close(self) -> None:
         """Close the descriptor (the next `sync` opens the path again)."""

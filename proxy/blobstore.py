@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from proxy.durable_files import make_durable
 from proxy.errors import DigestInvalid
 from proxy.references import validate_digest
 
@@ -524,21 +525,6 @@ class _FilesystemBlobWriter:
         await self._fd.close()
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(self._path.unlink)
-
-
-def make_durable(fd: int, temp: Path, final: Path) -> None:
-    """Flush a complete temp file, rename it into place, and flush the directory entry."""
-    os.fsync(fd)
-    os.replace(temp, final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_all(paths: list[Path]) -> None:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,7 @@ from typing import Protocol, TypeVar
 
 from cachetools import LRUCache
 
-from proxy.blobstore import make_durable
+from proxy.durable_files import write_atomically
 from proxy.errors import DigestInvalid, ManifestInvalid
 from proxy.manifest_checks import MAX_MANIFEST_SIZE, digest_of
 from proxy.references import Repository, validate_digest
@@ -183,18 +181,7 @@ def _checked(digest: str, media_type: str, body: bytes) -> CachedManifest:
 
 
 def _write_manifest(tmp: Path, path: Path, manifest: CachedManifest) -> None:
-    fd, name = tempfile.mkstemp(dir=tmp, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as file:
-            file.write(manifest.media_type.encode() + b"\n")
-            file.write(manifest.body)
-        make_durable(fd, Path(name), path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-        raise
-    finally:
-        os.close(fd)
+    write_atomically(path, manifest.media_type.encode() + b"\n" + manifest.body, temp_dir=tmp)
 
 
 def _read_manifest(path: Path, digest: str, *, remove: bool = True) -> CachedManifest | None:

@@ -12,11 +12,8 @@ implement the same protocol.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from proxy.durable_files import write_atomically
 from proxy.errors import RegistryError, ServiceUnavailable
 from proxy.references import Repository, looks_like_registry, validate_name, validate_registry
 
@@ -161,25 +159,6 @@ def _encode(pins: dict[str, Pin]) -> bytes:
     return (json.dumps(document, indent=2) + "\n").encode()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 _Signature = tuple[int, int, int]
 _MISSING: _Signature = (0, 0, -1)
 _UNKNOWN: _Signature = (0, 0, -2)
@@ -241,7 +220,7 @@ class FilePinStore:
                     pins = dict(self._pins)
                     result, changed = change(pins)
                     if changed:
-                        _write_atomically(self.path, _encode(pins))
+                        write_atomically(self.path, _encode(pins))
                         self._pins = pins
                         self._seen = _signature(self.path)
                     return result
