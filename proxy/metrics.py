@@ -169,6 +169,12 @@ class Metrics:
             ["upstream"],
             registry=registry,
         )
+        self.fill_failures = Counter(
+            "registry_gate_cache_fill_failures_total",
+            "Cache fills that did not complete (upstream failed or cut the transfer).",
+            ["upstream", "outcome"],
+            registry=registry,
+        )
 
         # Cache.
         self.cache_hits = Counter(

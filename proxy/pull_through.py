@@ -106,10 +106,13 @@ class PullThrough:
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(kind).inc()
 
     def fill_finished(self, digest: str, outcome: str, received: int) -> None:
-        """Fill observer: count digest mismatches against the upstream that sent them."""
+        """Fill observer: count failed fills against the upstream that caused them."""
         upstream = self.fill_upstreams.pop(digest, "unknown")
-        if self.metrics is not None and outcome == "digest_mismatch":
+        if self.metrics is None or outcome == "ok":
+            return
+        if outcome == "digest_mismatch":
             self.metrics.digest_mismatches.labels(upstream).inc()
+        self.metrics.fill_failures.labels(upstream, outcome).inc()
 
     # --- manifests ---------------------------------------------------------------------
 

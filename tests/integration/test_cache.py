@@ -575,6 +575,7 @@ def test_bad_upstream_bytes_poison_nothing(
     digest = push_blob(origin_client, repo, data)
     path = blob_path(ORIGIN, repo, digest)
     counted = metric(gate, "registry_gate_digest_mismatches_total", upstream=ORIGIN)
+    failed_fills = metric(gate, "registry_gate_cache_fill_failures_total", upstream=ORIGIN)
     # Paused after 1 MiB so every client joins the same (doomed) fill first.
     origin_proxy.set_fault(fault, contains=digest, pause_at=MIB)
     clients = 3
@@ -605,6 +606,9 @@ def test_bad_upstream_bytes_poison_nothing(
         # The whole (wrong) body arrived and hashed wrong; a transfer that died is a
         # failed fill, not a mismatch.
         assert mismatches == 1
+    # Every bad transfer is one failed fill, whatever went wrong with it.
+    failed = metric(gate, "registry_gate_cache_fill_failures_total", upstream=ORIGIN)
+    assert failed - failed_fills == 1
     wait_for(lambda: not partial_fills(gate), "the failed fill's temp file to go")
     assert not stored_blob(gate, digest).exists()
     assert_verify_clean(gate)
