@@ -7,6 +7,7 @@ the gate, referrers with a fallback for upstreams that lack the API.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -96,6 +97,7 @@ class PullThrough:
         self.metrics = metrics
         self.fill_upstreams: dict[str, str] = {}
         self._inspected: LRUCache[str, ManifestInfo] = LRUCache(maxsize=4096)
+        self._held_checks: dict[tuple[Repository, str], asyncio.Task[None]] = {}
 
     def client(self, repository: Repository) -> UpstreamClient:
         """The upstream client for a (located, configured) repository."""
@@ -260,7 +262,19 @@ class PullThrough:
         if self.cache is None or await self.cache.repositories.holds(repository, digest):
             return
         # Also when not cached yet: a fill started for another repository may be running,
-        # and joining it must not skip this repository's own upstream check.
+        # and joining it must not skip this repository's own upstream check. Concurrent
+        # requests share one check (a cold burst makes one HEAD, as it makes one GET);
+        # shielded, so a client that leaves does not cancel it for the others.
+        key = (repository, digest)
+        check = self._held_checks.get(key)
+        if check is None:
+            check = asyncio.create_task(self._confirm_held(repository, digest))
+            self._held_checks[key] = check
+            check.add_done_callback(lambda _done: self._held_checks.pop(key, None))
+        await asyncio.shield(check)
+
+    async def _confirm_held(self, repository: Repository, digest: str) -> None:
+        assert self.cache is not None
         response = await self._upstream_blob(repository, digest, "HEAD")
         response.release()
         await self.cache.record(repository, (digest,))

@@ -498,6 +498,8 @@ def test_20_concurrent_cold_gets_of_a_big_blob_make_one_upstream_get(
         assert result.received == size
         assert result.digest == digest
     assert hub_proxy.count("GET", "blob", digest) == 1, hub_proxy.summary()
+    # The repository check before the fill is shared too: one HEAD, not one per client.
+    assert hub_proxy.count("HEAD", "blob", digest) <= 1, hub_proxy.summary()
     assert hub_proxy.body_bytes("blob") == size
     assert stored_blob(gate, digest).stat().st_size == size
 
