@@ -92,3 +92,24 @@ def test_metrics_on_a_separate_listen_address(
     assert b'registry_gate_requests_total{method="GET",route="v2",status="200"}' in scraped.body
     # The registry port no longer answers /metrics (operators can firewall the other one).
     assert request(gate.url, "GET", "/metrics").status == 404
+
+
+def test_oversized_headers_are_refused_and_the_gate_keeps_serving(
+    gate_factory: GateFactory, upstreams: Upstreams
+) -> None:
+    """security.md 14: a header line past the gate's limit is refused (400/431) before any
+    handler runs, and the next request is served."""
+    gate = gate_factory({"upstreams": standard_upstreams(upstreams)})
+    reply = request(gate.url, "GET", "/v2/", [("X-Huge", "a" * 64 * 1024)])
+    assert reply.status in (400, 431), reply
+    assert request(gate.url, "GET", "/v2/").status == 200
+
+
+def test_a_huge_page_size_is_clamped(gate_factory: GateFactory, upstreams: Upstreams) -> None:
+    """security.md 14: `?n=1000000000` on a tag list is clamped, not allocated."""
+    gate = gate_factory({"upstreams": standard_upstreams(upstreams)})
+    path = "/v2/docker.io/gate/many/tags/list?n=1000000000"
+    reply = request(gate.url, "GET", path)
+    assert reply.status == 200, reply
+    tags = reply.json()["tags"]
+    assert tags == sorted(upstreams.hub.images.tags("gate/many"))
