@@ -42,7 +42,7 @@ PROBE_ACCEPT = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 MAX_TAG_PAGES = 100
-STREAM_CHUNK = 256 * 1024
+STREAM_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

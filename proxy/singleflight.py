@@ -30,7 +30,9 @@ from proxy.ranges import unsatisfiable
 log = logging.getLogger(__name__)
 
 TAIL_HOLD = 32 * 1024
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 1024 * 1024
+# How long a reader waits for a whole chunk when only part of one has arrived.
+PARTIAL_WAIT = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,7 @@ class StreamedBlob:
         self._fill = fill
         self._chunk = chunk_size
         self._started = False
+        self._partial_since: float | None = None
         self.offset = self._pos = offset
         self._end: int | None = None
         self.narrow(offset, length)
@@ -160,8 +163,21 @@ class StreamedBlob:
                 if self._end is not None:
                     wanted = min(wanted, self._end - self._pos)
                 if available - self._pos < wanted and not fill.committed:
-                    await fill.changed()
-                    continue
+                    if available <= self._pos:
+                        self._partial_since = None
+                        await fill.changed()
+                        continue
+                    # Some bytes are there: wait a moment for a whole chunk (fewer, larger
+                    # reads), but never hold back what a slow upstream already sent.
+                    now = asyncio.get_running_loop().time()
+                    if self._partial_since is None:
+                        self._partial_since = now
+                    remaining = self._partial_since + PARTIAL_WAIT - now
+                    if remaining > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(fill.changed(), remaining)
+                        continue
+                self._partial_since = None
             wanted = available - self._pos
             if self._end is not None:
                 wanted = min(wanted, self._end - self._pos)

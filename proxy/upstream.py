@@ -187,6 +187,8 @@ class UpstreamClient:
             ),
             auto_decompress=False,
             trust_env=False,
+            # Larger socket reads for blob bodies (fewer, bigger chunks per fill).
+            read_bufsize=1024 * 1024,
             headers={"User-Agent": self._user_agent},
         )
 
