@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support.processes import log_tail, terminate
 from tests.support.registries import free_port
 from tests.support.upstreams import TOKEN_USER, TokenUpstream, Upstreams
 
@@ -245,17 +246,7 @@ class GateProcess:
             return False
 
     def _terminate(self, sig: signal.Signals, timeout: float) -> int | None:
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
-        return proc.returncode
+        return terminate(self._proc, sig, timeout)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (SIGKILL after ``timeout``); returns the exit status. Idempotent."""
@@ -280,13 +271,7 @@ class GateProcess:
             return ""
 
     def log_tail(self, lines: int = 40, since: int = 0) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(since)
-                text = f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines, since)
 
     def __enter__(self) -> GateProcess:
         return self.start()

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.support.processes import log_tail, terminate
 from tests.support.token_issuer import TokenIssuer
 
 __all__ = [
@@ -201,14 +202,7 @@ class DistributionRegistry:
         """SIGTERM, then SIGKILL after ``timeout``; idempotent."""
         proc, self._proc = self._proc, None
         self._port = None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
+        terminate(proc, signal.SIGTERM, timeout)
 
     def wipe(self) -> None:
         """Stop and delete all stored content (the next ``start()`` is empty)."""
@@ -216,13 +210,7 @@ class DistributionRegistry:
         shutil.rmtree(self.storage, ignore_errors=True)
 
     def log_tail(self, lines: int = 30, since: int = 0) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(since)
-                text = f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines, since)
 
     def __enter__(self) -> DistributionRegistry:
         return self.start()
