@@ -98,9 +98,12 @@ class BlobWriter(Protocol):
         """Append and hash a chunk."""
         ...
 
-    async def commit(self, expected_size: int | None = None) -> None:
+    async def commit(
+        self, expected_size: int | None = None, on_verified: Callable[[], None] | None = None
+    ) -> None:
         """Verify digest (and size), make durable, publish; DigestInvalid on mismatch,
-        in which case the data is discarded."""
+        in which case the data is discarded. `on_verified` is called once the content is
+        known good, before the (slow) flush to disk."""
         ...
 
     async def abort(self) -> None:
@@ -492,7 +495,9 @@ class _FilesystemBlobWriter:
         # open of a local file, not worth a thread hop.
         return _FdReader(os.open(self._store.blob_path(self._digest), os.O_RDONLY))
 
-    async def commit(self, expected_size: int | None = None) -> None:
+    async def commit(
+        self, expected_size: int | None = None, on_verified: Callable[[], None] | None = None
+    ) -> None:
         if self._finished:
             raise ValueError("commit after commit or abort")
         actual = f"{self._hash.name}:{self._hash.hexdigest()}"
@@ -507,6 +512,8 @@ class _FilesystemBlobWriter:
                     "expected_size": expected_size,
                 },
             )
+        if on_verified is not None:
+            on_verified()
         await self._store._wait_removal(self._digest)
         final = self._store.blob_path(self._digest)
         try:

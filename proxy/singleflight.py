@@ -64,13 +64,16 @@ class _Fill:
         self.written = 0
         self.opened = False
         self.committed = False
+        # Set once the content hashed right: readers may have the tail while the fill
+        # still flushes to disk (durability matters to the cache, not to them).
+        self.verified = False
         self.error: RegistryError | None = None
         self._changed = asyncio.Event()
 
     @property
     def readable(self) -> int:
         """How many bytes readers may have: all once verified, else all but the tail."""
-        if self.committed:
+        if self.committed or self.verified:
             return self.written
         return max(0, self.written - self.tail_hold)
 
@@ -346,8 +349,12 @@ class FillCoordinator:
                         await writer.write(chunk)
                     fill.written = written
                     fill.notify()
+                def verified() -> None:
+                    fill.verified = True
+                    fill.notify()
+
                 with _storing():
-                    await writer.commit(size)
+                    await writer.commit(size, on_verified=verified)
                 fill.committed = True
             except BaseException:
                 await writer.abort()

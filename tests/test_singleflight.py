@@ -272,6 +272,36 @@ async def test_the_unverified_tail_is_withheld(coordinator: FillCoordinator) -> 
     assert await task == data
 
 
+async def test_the_tail_is_released_once_verified_before_the_flush_to_disk(
+    coordinator: FillCoordinator, store: FilesystemBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The readers' wait ends when the content hashes right, not when the (slow) fsync and
+    rename are done: the client has the whole verified blob while the cache publishes."""
+    import proxy.blobstore
+
+    data = os.urandom(SIZE)
+    flushing, flush_may_end = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    real_make_durable = proxy.blobstore.make_durable
+
+    def slow_make_durable(fd: int, temp: Path, final: Path) -> None:
+        loop.call_soon_threadsafe(flushing.set)
+        asyncio.run_coroutine_threadsafe(flush_may_end.wait(), loop).result(timeout=10)
+        real_make_durable(fd, temp, final)
+
+    monkeypatch.setattr(proxy.blobstore, "make_durable", slow_make_durable)
+    upstream = FakeUpstream(data)
+    async with asyncio.timeout(10):
+        got = await read_all(coordinator, sha(data), upstream)
+        assert got == data
+        assert flushing.is_set()
+        # Not published yet: the flush is still held.
+        assert await store.stat(sha(data)) is None
+        flush_may_end.set()
+        await coordinator.drain()
+    assert await store.stat(sha(data)) == SIZE
+
+
 def corrupted(data: bytes) -> bytes:
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0xFF

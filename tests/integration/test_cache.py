@@ -272,6 +272,14 @@ def stored_blob(gate: GateProcess, digest: str) -> Path:
     return storage(gate) / "blobs" / "sha256" / digest.removeprefix("sha256:")
 
 
+def wait_published(gate: GateProcess, digest: str) -> Path:
+    """The published blob, once there: a client has its last byte as soon as the content
+    verified, a moment before the fill's flush to disk and rename complete."""
+    path = stored_blob(gate, digest)
+    wait_for(path.exists, f"{digest[:19]} to be published in the cache")
+    return path
+
+
 def blobs_on_disk(gate: GateProcess) -> tuple[int, int]:
     """(count, bytes) of published blobs: what ``cache stats`` reports, without the
     second a CLI run costs."""
@@ -501,7 +509,7 @@ def test_20_concurrent_cold_gets_of_a_big_blob_make_one_upstream_get(
     # The repository check before the fill is shared too: one HEAD, not one per client.
     assert hub_proxy.count("HEAD", "blob", digest) <= 1, hub_proxy.summary()
     assert hub_proxy.body_bytes("blob") == size
-    assert stored_blob(gate, digest).stat().st_size == size
+    assert wait_published(gate, digest).stat().st_size == size
 
 
 def test_range_on_a_cold_miss_is_answered_while_the_fill_runs(
@@ -560,7 +568,7 @@ def test_a_client_leaving_mid_blob_does_not_abort_the_fill(
     again = fetch(gate.url, blob_path(ORIGIN, repo, digest))
     assert again.complete and again.digest == digest, again
     assert origin_proxy.count("GET", "blob", digest) == 1, origin_proxy.summary()
-    assert sha256(stored_blob(gate, digest).read_bytes()) == digest
+    assert sha256(wait_published(gate, digest).read_bytes()) == digest
 
 
 # -- bad upstream bytes --------------------------------------------------------------------
@@ -619,7 +627,7 @@ def test_bad_upstream_bytes_poison_nothing(
     good = fetch(gate.url, path)
     assert good.complete and good.digest == digest and good.received == len(data), good
     assert origin_proxy.count("GET", "blob", digest) == 2, "the bad fill was served from cache"
-    assert sha256(stored_blob(gate, digest).read_bytes()) == digest
+    assert sha256(wait_published(gate, digest).read_bytes()) == digest
 
 
 def test_a_corrupted_manifest_is_502_and_not_cached(
@@ -863,6 +871,7 @@ def test_kill_9_mid_fill_leaves_the_cache_clean(
     after = fetch(gate.url, path)
     assert after.complete and after.received == size and after.digest == digest, after
     assert hub_proxy.count("GET", "blob", digest) == 2, hub_proxy.summary()
+    wait_published(gate, digest)
     assert blobs_on_disk(gate) == (1, size)
     assert_verify_clean(gate)
 
@@ -879,6 +888,7 @@ def test_size_cap_holds_with_lru_eviction(
     def pull(i: int) -> None:
         got = fetch(gate.url, blob_path(ORIGIN, repo, digests[i]))
         assert got.complete and got.digest == digests[i], got
+        wait_published(gate, digests[i])
         count, size = blobs_on_disk(gate)
         assert size <= cap, (count, size)
 
@@ -918,7 +928,7 @@ def test_a_blob_cached_for_one_repository_is_not_served_for_another(
 
     reply = get(gate, blob_path(ORIGIN, secret_repo, digest))
     assert reply.status == 200 and reply.body == secret, reply
-    assert stored_blob(gate, digest).exists()
+    wait_published(gate, digest)
 
     for registry, repo in ((HUB, secret_repo), (HUB, "library/alpine"), (ORIGIN, other_repo)):
         for method in ("GET", "HEAD"):
