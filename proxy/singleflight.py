@@ -349,6 +349,7 @@ class FillCoordinator:
                         await writer.write(chunk)
                     fill.written = written
                     fill.notify()
+
                 def verified() -> None:
                     fill.verified = True
                     fill.notify()
