@@ -55,15 +55,6 @@ class ManifestResult:
     stale: str | None = None  # why a stale tag was served (upstream failure), if it was
 
 
-@dataclass(slots=True)
-class BlobStream:
-    """An upstream blob response being relayed: status, headers to send, body chunks."""
-
-    status: int
-    headers: CIMultiDict[str]
-    chunks: AsyncIterator[bytes] | None  # None for HEAD
-
-
 def _accept_headers(accept: Sequence[str]) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict()
     for line in accept:
@@ -318,34 +309,6 @@ class PullThrough:
         )
         await client.raise_for_status(response, "blob")
         return response
-
-    async def blob(
-        self, repository: Repository, digest: str, range_header: str | None, *, head: bool
-    ) -> BlobStream:
-        """Relay an upstream blob without the cache (used when no cache is configured)."""
-        client = self.client(repository)
-        headers: CIMultiDict[str] = CIMultiDict()
-        if range_header:
-            headers["Range"] = range_header
-        response = await client.request(
-            "HEAD" if head else "GET",
-            f"/v2/{repository.path}/blobs/{digest}",
-            kind="blob",
-            repository=repository.path,
-            headers=headers,
-            follow_redirects=True,
-        )
-        await client.raise_for_status(response, "blob")
-        out: CIMultiDict[str] = CIMultiDict()
-        for name in ("Content-Length", "Content-Range", "Accept-Ranges"):
-            if name in response.headers:
-                out[name] = response.headers[name]
-        out["Content-Type"] = "application/octet-stream"
-        out["Docker-Content-Digest"] = digest
-        if head:
-            response.release()
-            return BlobStream(response.status, out, None)
-        return BlobStream(response.status, out, _relay(response, client.name))
 
     async def tags(self, repository: Repository) -> list[str]:
         """Every tag of a repository, following the upstream's own pages."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import Counter
 
 from proxy.addressing import Target, V2Route, locate, parse_v2_path
 from proxy.errors import NameInvalid, NameUnknown, Unsupported
@@ -137,8 +136,6 @@ async def _blob(
     repository = access.location
     pull = services.pull
     headers = {**_BLOB_HEADERS, "Docker-Content-Digest": digest, "Etag": f'"{digest}"'}
-    if pull.cache is None:
-        return await _relay_blob(request, services, repository, digest)
     if request.method == "HEAD":
         size = await pull.blob_size(repository, digest)
         return web.Response(headers={**headers, "Content-Length": str(size)})
@@ -161,46 +158,21 @@ async def _blob(
                 headers["Content-Range"] = content_range(first, last, blob.size)
                 status = 206
         response = web.StreamResponse(status=status, headers=headers)
-        return await _send_stream(
-            request, response, blob.length, blob, services.metrics.served_bytes.labels("upstream")
-        )
-
-
-async def _send_stream(
-    request: web.Request,
-    response: web.StreamResponse,
-    length: int | None,
-    chunks: AsyncIterator[bytes] | None,
-    served: Counter | None = None,
-) -> web.StreamResponse:
-    """Send a streamed body; a failure after the headers cuts the connection short."""
-    if length is not None:
-        response.content_length = length
-    await response.prepare(request)
-    try:
-        if chunks is not None:
-            async for chunk in chunks:
+        if blob.length is not None:
+            response.content_length = blob.length
+        await response.prepare(request)
+        served = services.metrics.served_bytes.labels("upstream")
+        try:
+            async for chunk in blob:
                 await response.write(chunk)
-                if served is not None:
-                    served.inc(len(chunk))
-    except Exception:
-        # Headers are gone: the only honest signal left is a body that ends short.
-        if request.transport is not None:
-            request.transport.abort()
+                served.inc(len(chunk))
+        except Exception:
+            # Headers are gone: the only honest signal left is a body that ends short.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
         return response
-    await response.write_eof()
-    return response
-
-
-async def _relay_blob(
-    request: web.Request, services: Services, repository: Repository, digest: str
-) -> web.StreamResponse:
-    """Without a cache: relay the upstream's answer, `Range` included."""
-    head = request.method == "HEAD"
-    stream = await services.pull.blob(repository, digest, request.headers.get("Range"), head=head)
-    response = web.StreamResponse(status=stream.status, headers=stream.headers)
-    length = stream.headers.get("Content-Length")
-    return await _send_stream(request, response, int(length) if length else None, stream.chunks)
 
 
 async def _tags(
