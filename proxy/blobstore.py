@@ -396,11 +396,15 @@ class FilesystemBlobStore:
         return True
 
     async def gc(self) -> list[tuple[str, int]]:
+        return await self._evict(incoming=0)
+
+    async def _evict(self, incoming: int) -> list[tuple[str, int]]:
+        """Evict least-recently-used blobs until `incoming` more bytes fit under the cap."""
         async with self._gc_lock:
-            if self._total <= self.max_size:
+            if self._total + incoming <= self.max_size:
                 return []
             protected = frozenset(self._protected()) if self._protected else frozenset()
-            excess = self._total - self.max_size
+            excess = self._total + incoming - self.max_size
             victims: list[tuple[str, int]] = []
             for digest, entry in self._index.items():
                 if excess <= 0:
@@ -514,6 +518,9 @@ class _FilesystemBlobWriter:
             )
         if on_verified is not None:
             on_verified()
+        # Room first, then the rename: the published blobs never exceed the cap, not even
+        # for the moment between a rename and the eviction it causes.
+        await self._store._evict(incoming=self._written)
         await self._store._wait_removal(self._digest)
         final = self._store.blob_path(self._digest)
         try:
