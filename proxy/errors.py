@@ -61,6 +61,12 @@ class ManifestInvalid(RegistryError):
     code, status = "MANIFEST_INVALID", 400
 
 
+class ManifestTooLarge(ManifestInvalid):
+    """A client's manifest is over the 4 MiB the gate accepts (413, as the spec says)."""
+
+    status = 413
+
+
 class PaginationNumberInvalid(RegistryError):
     """The `n` parameter of a list request is not a non-negative integer."""
 

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from multidict import CIMultiDict
 
-from proxy.errors import ManifestInvalid, RangeInvalid, RegistryError
+from proxy.errors import ManifestTooLarge, RangeInvalid
 from proxy.manifest_checks import MAX_MANIFEST_SIZE
 from proxy.references import Repository
 from proxy.upload_tokens import UploadSealer
@@ -254,9 +254,7 @@ class Pusher:
     ) -> Forwarded:
         """PUT a manifest, bytes exactly as the client sent them."""
         if len(body) > MAX_MANIFEST_SIZE:
-            error = ManifestInvalid("manifest too large")
-            error.status = 413
-            raise error
+            raise ManifestTooLarge("manifest too large")
         return await self._forward(
             "PUT",
             repository,
@@ -291,8 +289,6 @@ async def read_manifest_body(body: AsyncIterable[bytes]) -> bytes:
     async for chunk in body:
         total += len(chunk)
         if total > MAX_MANIFEST_SIZE:
-            error: RegistryError = ManifestInvalid("manifest too large")
-            error.status = 413
-            raise error
+            raise ManifestTooLarge("manifest too large")
         chunks.append(chunk)
     return b"".join(chunks)
