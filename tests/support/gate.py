@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.support.processes import log_tail, terminate
+from tests.support.processes import LoopbackProcess, log_tail, terminate
 from tests.support.registries import free_port
 from tests.support.upstreams import TOKEN_USER, TokenUpstream, Upstreams
 
@@ -95,7 +95,7 @@ def standard_upstreams(
     return table
 
 
-class GateProcess:
+class GateProcess(LoopbackProcess):
     """One gate subprocess on ``127.0.0.1:<port>``, configured from a dict.
 
     ``directory`` holds ``gate.yaml``, ``policy.yaml`` (when ``policy`` is given),
@@ -130,30 +130,7 @@ class GateProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
-    # -- addresses -----------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError(f"{self.name} has never been started")
-        return self._port
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``: the gate as a registry name in image references."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    # -- addresses are LoopbackProcess's ---------------------------------------------
 
     @property
     def returncode(self) -> int | None:

@@ -7,6 +7,37 @@ import subprocess
 from pathlib import Path
 
 
+class LoopbackProcess:
+    """Addresses of a process serving HTTP on ``127.0.0.1:<port>`` (gate, registry)."""
+
+    name: str
+    _port: int | None
+    _proc: subprocess.Popen[bytes] | None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError(f"{self.name} has no port: it is not started")
+        return self._port
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``: the process as a registry name in image references."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+
 def terminate(
     proc: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout: float
 ) -> int | None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support.processes import log_tail, terminate
+from tests.support.processes import LoopbackProcess, log_tail, terminate
 from tests.support.token_issuer import TokenIssuer
 
 __all__ = [
@@ -47,7 +47,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class DistributionRegistry:
+class DistributionRegistry(LoopbackProcess):
     """One ``docker-registry serve`` process on ``127.0.0.1:<free port>``, plain HTTP.
 
     ``directory`` holds ``config.yml``, ``data/`` (the storage root) and ``registry.log``.
@@ -73,31 +73,6 @@ class DistributionRegistry:
         self.log_path = directory / "registry.log"
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-
-    # -- addresses -----------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError(f"{self.name} is not running")
-        return self._port
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``: the registry's name in image references."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     # -- config --------------------------------------------------------------------
 
