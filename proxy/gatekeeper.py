@@ -133,7 +133,7 @@ class Gatekeeper:
                 short, reference or "latest", repository_probe, record_pin=False
             )
         self.metrics.shortname_resolutions.labels(resolution.reason).inc()
-        if resolution.pinned and self.pull.cache is not None:
+        if resolution.pinned:
             await self.pull.cache.protect(resolution.repository)
         self._recent[short] = resolution.repository
         return resolution.repository, resolution

@@ -13,7 +13,7 @@ from proxy.services import SERVICES
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition of the gate's private registry."""
     services = request.app[SERVICES]
-    cache = services.pull.cache
+    cache = services.pull.open_cache
     if cache is not None:
         # The blob store keeps its running total; publish it as the scrape reads it.
         services.metrics.cache_bytes.set((await cache.blobs.stats()).bytes)

@@ -84,11 +84,27 @@ class PullThrough:
         metrics: Metrics | None = None,
     ) -> None:
         self.clients = clients
-        self.cache = cache
+        self._cache = cache
         self.metrics = metrics
         self.fill_upstreams: dict[str, str] = {}
         self._inspected: LRUCache[str, ManifestInfo] = LRUCache(maxsize=4096)
         self._held_checks: dict[tuple[Repository, str], asyncio.Task[None]] = {}
+
+    @property
+    def cache(self) -> Cache:
+        """The cache (opened by the app's start-up, before the first request)."""
+        if self._cache is None:
+            raise ServiceUnavailable("the cache is not open")
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: Cache) -> None:
+        self._cache = cache
+
+    @property
+    def open_cache(self) -> Cache | None:
+        """The cache if it is open (for scrapes that may come before start-up)."""
+        return self._cache
 
     def client(self, repository: Repository) -> UpstreamClient:
         """The upstream client for a (located, configured) repository."""
@@ -113,8 +129,6 @@ class PullThrough:
         self, repository: Repository, reference: str, accept: Sequence[str], *, head: bool
     ) -> ManifestResult:
         """A manifest by tag or digest: from cache when fresh, else upstream (and cached)."""
-        if self.cache is None:
-            return await self._fetch_manifest(repository, reference, accept, head=head)
         if is_digest(reference):
             cached = await self._cached_manifest(repository, reference, accept)
             if cached is not None:
@@ -129,7 +143,6 @@ class PullThrough:
     async def _cached_manifest(
         self, repository: Repository, digest: str, accept: Sequence[str]
     ) -> ManifestResult | None:
-        assert self.cache is not None
         # Served for this repository only when it is known to hold the manifest.
         if not await self.cache.repositories.holds(repository, digest):
             return None
@@ -146,7 +159,6 @@ class PullThrough:
     async def _manifest_by_tag(
         self, repository: Repository, tag: str, accept: Sequence[str], *, head: bool
     ) -> ManifestResult:
-        assert self.cache is not None
         now = time.time()
         entry = await self.cache.tags.get(repository, tag)
         if entry is not None and entry.fresh(now, self.cache.tag_ttl):
@@ -179,7 +191,6 @@ class PullThrough:
     async def _fetch_and_store(
         self, repository: Repository, digest: str, accept: Sequence[str], *, head: bool = False
     ) -> ManifestResult:
-        assert self.cache is not None
         result = await self._fetch_manifest(repository, digest, accept, head=False)
         assert result.body is not None
         await self.cache.manifests.put(result.info.digest, result.info.media_type, result.body)
@@ -229,7 +240,7 @@ class PullThrough:
 
     async def blob_size(self, repository: Repository, digest: str) -> int:
         """A blob HEAD: the size from cache when held, else an upstream HEAD (no GET)."""
-        if self.cache is not None and await self.cache.repositories.holds(repository, digest):
+        if await self.cache.repositories.holds(repository, digest):
             size = await self.cache.blobs.stat(digest)
             if size is not None:
                 self._count("blob", True)
@@ -239,8 +250,7 @@ class PullThrough:
         length = response.headers.get("Content-Length", "")
         if not length.isdigit():
             raise UpstreamUnavailable(f"upstream {repository.registry} sent no blob length")
-        if self.cache is not None:
-            await self.cache.record(repository, (digest,))
+        await self.cache.record(repository, (digest,))
         return int(length)
 
     async def ensure_held(self, repository: Repository, digest: str) -> None:
@@ -250,7 +260,7 @@ class PullThrough:
         blob cached (or being filled) through another repository cannot leak across
         repositories or upstreams.
         """
-        if self.cache is None or await self.cache.repositories.holds(repository, digest):
+        if await self.cache.repositories.holds(repository, digest):
             return
         # Also when not cached yet: a fill started for another repository may be running,
         # and joining it must not skip this repository's own upstream check. Concurrent
@@ -265,14 +275,13 @@ class PullThrough:
         await asyncio.shield(check)
 
     async def _confirm_held(self, repository: Repository, digest: str) -> None:
-        assert self.cache is not None
         response = await self._upstream_blob(repository, digest, "HEAD")
         response.release()
         await self.cache.record(repository, (digest,))
 
     async def cached_blob(self, repository: Repository, digest: str) -> Path | None:
         """The local file of a cached blob this repository holds (zero-copy serving)."""
-        if self.cache is None or not await self.cache.repositories.holds(repository, digest):
+        if not await self.cache.repositories.holds(repository, digest):
             return None
         path = await self.cache.blobs.path_for(digest)
         self._count("blob", path is not None)
@@ -281,7 +290,6 @@ class PullThrough:
     @asynccontextmanager
     async def blob_stream(self, repository: Repository, digest: str) -> AsyncIterator[StreamedBlob]:
         """The blob from the single-flight fill (joined or started), for a cache miss."""
-        assert self.cache is not None
 
         @asynccontextmanager
         async def open_upstream() -> AsyncIterator[UpstreamBlob]:

@@ -268,8 +268,6 @@ async def _forget_deleted(services: Services, repository: Repository, reference:
     """After a delete went through, stop serving the reference for this repository from
     cache: a deleted tag, and a deleted digest (with the tags cached as pointing at it)."""
     cache = services.pull.cache
-    if cache is None:
-        return
     if not is_digest(reference):
         await cache.tags.delete(repository, reference)
         return
