@@ -21,6 +21,7 @@ from proxy.cache import Cache
 from proxy.circuit import CircuitBreaker
 from proxy.credentials import UserDirectory
 from proxy.gatekeeper import Gatekeeper
+from proxy.login_limits import LoginLimiter
 from proxy.metrics import Metrics
 from proxy.middleware import auth_middleware, error_middleware
 from proxy.operator_routes import add_operator_routes
@@ -91,7 +92,8 @@ def build_authenticator(settings: Settings) -> Authenticator:
     verifier = TokenVerifier.build(
         issuer, auth.service, auth.trusted_issuers, fetch_jwks, users.groups_of
     )
-    return Authenticator(auth.realm, auth.service, issuer, verifier, users)
+    limiter = LoginLimiter(auth.login_limits)
+    return Authenticator(auth.realm, auth.service, issuer, verifier, users, limiter)
 
 
 async def fetch_jwks(url: str) -> dict[str, Any]:
@@ -170,7 +172,12 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     app.cleanup_ctx.append(_upstream_lifecycle)
     add_routes(app)
     add_token_routes(app)
-    add_operator_routes(app, metrics_here=settings.metrics.enabled and not settings.metrics.listen)
+    add_operator_routes(
+        app,
+        metrics_here=settings.metrics.enabled and not settings.metrics.listen,
+        # In token mode the main port is the clients' port: operators only (issue 11).
+        guarded=app[SERVICES].authenticator is not None,
+    )
     return app
 
 

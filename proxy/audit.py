@@ -70,6 +70,7 @@ class Event(StrEnum):
     DENIAL = "denial"
     RESOLUTION = "resolution"
     STALE_SERVE = "stale_serve"
+    LOGIN_FAILURE = "login_failure"
     RECOVERY = RECOVERY_EVENT
 
 

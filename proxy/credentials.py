@@ -1,12 +1,15 @@
 """Who the gate's users are: htpasswd (bcrypt) passwords and group membership.
 
-Password checks cost the same whether or not the user exists (a dummy bcrypt hash is
-checked for unknown users), so response time does not reveal which users exist.
+Password checks cost the same whether or not the user exists: an unknown user's password
+is checked against a dummy bcrypt hash made with the cost the file's own hashes use (the
+most common one; `htpasswd -B` writes 5, `-C` sets it), so response time does not reveal
+which users exist, whatever cost the operator chose.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import bcrypt
@@ -17,8 +20,22 @@ from proxy.settings import AuthSettings, ConfigError
 
 # `$2y$` (htpasswd), `$2b$`, `$2a$`; a cost; 22 characters of salt and 31 of hash.
 _BCRYPT_RE = re.compile(r"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
-# A valid bcrypt hash of a random string: checked for unknown users to even out timing.
-_DUMMY_HASH = bcrypt.hashpw(b"registry-gate-no-such-user", bcrypt.gensalt(rounds=10))
+# The dummy hash's cost when the file has no entries (nobody can log in then anyway).
+DEFAULT_DUMMY_COST = 10
+_DUMMY_PASSWORD = b"registry-gate-no-such-user"
+
+
+def bcrypt_cost(hashed: bytes) -> int:
+    """The cost (log2 rounds) of a `$2b$NN$...` hash."""
+    return int(hashed[4:6])
+
+
+def typical_cost(hashes: list[bytes]) -> int:
+    """The cost most of the hashes use (the higher one on a tie)."""
+    if not hashes:
+        return DEFAULT_DUMMY_COST
+    counts = Counter(bcrypt_cost(h) for h in hashes)
+    return max(counts, key=lambda cost: (counts[cost], cost))
 
 
 def load_htpasswd(path: Path) -> dict[str, bytes]:
@@ -69,6 +86,10 @@ class UserDirectory:
     def __init__(self, users: dict[str, bytes], groups: dict[str, frozenset[str]]) -> None:
         self._users = users
         self._groups = groups
+        # Made when the file is loaded, at the cost its users' checks take: an unknown
+        # user must cost what a known user with a wrong password costs.
+        self.dummy_cost = typical_cost(list(users.values()))
+        self._dummy_hash = bcrypt.hashpw(_DUMMY_PASSWORD, bcrypt.gensalt(rounds=self.dummy_cost))
 
     @classmethod
     def from_settings(cls, settings: AuthSettings) -> UserDirectory:
@@ -76,12 +97,19 @@ class UserDirectory:
         users = load_htpasswd(settings.htpasswd) if settings.htpasswd else {}
         return cls(users, load_groups(settings))
 
+    def knows(self, user: str) -> bool:
+        """Whether the htpasswd file has this user (for audit reasons, never for clients)."""
+        return user in self._users
+
     def authenticate(self, user: str, password: str) -> Principal | None:
-        """The principal for valid credentials, None otherwise (constant-cost check)."""
+        """The principal for valid credentials, None otherwise (constant-cost check).
+
+        CPU-bound for milliseconds: call it off the event loop (bcrypt releases the GIL).
+        """
         hashed = self._users.get(user)
         # bcrypt reads 72 bytes (htpasswd -B hashes only those); bcrypt>=5 raises past them.
-        candidate = password.encode()[:72]
-        ok = bcrypt.checkpw(candidate, hashed if hashed is not None else _DUMMY_HASH)
+        candidate = password.encode(errors="surrogatepass")[:72]
+        ok = bcrypt.checkpw(candidate, hashed if hashed is not None else self._dummy_hash)
         if hashed is None or not ok:
             return None
         return Principal(user, self.groups_of(user))

@@ -245,6 +245,22 @@ class Metrics:
             registry=registry,
         )
 
+        self.login_failures = Counter(
+            "registry_gate_login_failures_total",
+            "Refused logins (token endpoint, Basic on operator endpoints) by reason: "
+            "unknown_user, wrong_password, malformed, unsupported_scheme, "
+            "invalid_refresh_token, limited.",
+            ["reason"],
+            registry=registry,
+        )
+        self.logins_limited = Counter(
+            "registry_gate_logins_limited_total",
+            "Logins refused unchecked (429) by the bucket that was empty: "
+            "user_client, client, user.",
+            ["bucket"],
+            registry=registry,
+        )
+
         # Audit.
         self.audit_records = Counter(
             "registry_gate_audit_records_total",

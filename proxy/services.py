@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.addressing import locate
-from proxy.audit import AuditLog
-from proxy.auth import Authenticator
+from proxy.audit import AuditLog, AuditRecord, Event
+from proxy.auth import GRANTABLE_ACTIONS, Authenticator, CredentialsInvalid, LoginLimited
 from proxy.errors import RegistryError
 from proxy.gatekeeper import Gatekeeper
 from proxy.metrics import Metrics
@@ -45,6 +45,8 @@ class Services:
         Used to cut token grants down; the registry side decides again per request (with
         the tag, after short-name resolution), so a pull of a short name is granted here.
         """
+        if action not in GRANTABLE_ACTIONS:
+            return False
         try:
             target = locate(name, None, self.registries)
         except RegistryError:
@@ -63,6 +65,31 @@ class Services:
     def observe_token(self, outcome: str) -> None:
         """Count a token endpoint outcome."""
         self.metrics.token_requests.labels(outcome).inc()
+
+    async def record_login_failure(
+        self, error: CredentialsInvalid, *, request_id: str, client: str | None, endpoint: str
+    ) -> None:
+        """Count and audit a refused login: who was tried, from where, why; no password."""
+        self.metrics.login_failures.labels(error.reason).inc()
+        extra = {"endpoint": endpoint}
+        status = 401
+        if isinstance(error, LoginLimited):
+            self.metrics.logins_limited.labels(error.bucket).inc()
+            extra["bucket"] = error.bucket
+            status = 429
+        await self.audit.write(
+            AuditRecord(
+                event=Event.LOGIN_FAILURE,
+                action="login",
+                request_id=request_id,
+                client=client,
+                name=error.user,
+                decision="deny",
+                status=status,
+                reason=error.reason,
+                extra=extra,
+            )
+        )
 
     @property
     def registries(self) -> frozenset[str]:

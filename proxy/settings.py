@@ -177,6 +177,39 @@ class TrustedIssuer(_Strict):
         return self
 
 
+class LoginBucket(_Strict):
+    """A token bucket of failed logins: `burst` failures at once, then one per `interval`."""
+
+    burst: int = Field(ge=1, le=100_000)
+    interval: float = Field(gt=0, le=86400, description="seconds to regain one attempt")
+
+
+class LoginLimits(_Strict):
+    """How many failed logins the gate takes before answering 429 (`auth.login_limits`).
+
+    The per-(user, client) and per-client buckets are strict: they stop one address from
+    guessing. The per-user bucket is lenient and short-lived, and a client that logged in
+    as that user before (within `known_client_ttl`) is exempt from it, so guesses from
+    many addresses cannot lock the real user out of a client they use.
+    """
+
+    enabled: bool = True
+    per_user_client: LoginBucket = LoginBucket(burst=5, interval=60)
+    per_client: LoginBucket = LoginBucket(burst=20, interval=10)
+    per_user: LoginBucket = LoginBucket(burst=50, interval=6)
+    known_client_ttl: float = Field(default=30 * 86400, ge=0, le=365 * 86400)
+    max_entries: int = Field(
+        default=65536, ge=16, le=10_000_000, description="tracked keys per bucket kind"
+    )
+
+
+class OperatorSettings(_Strict):
+    """Who may use `/metrics` and `/policy/explain` on the main port in token mode."""
+
+    users: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+
+
 class AuthSettings(_Strict):
     """Client authentication."""
 
@@ -190,6 +223,8 @@ class AuthSettings(_Strict):
     service: str = "registry-gate"
     issuer: str = "registry-gate"
     token_ttl: int = Field(default=300, ge=60, le=86400)
+    login_limits: LoginLimits = LoginLimits()
+    operators: OperatorSettings = OperatorSettings()
 
     @model_validator(mode="after")
     def _token_mode_needs_key(self) -> AuthSettings:

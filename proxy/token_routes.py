@@ -1,7 +1,10 @@
 """The gate's token endpoint (`/token`): the Docker token spec, GET and OAuth2 POST.
 
 Bad credentials are a 401 with a Basic challenge (what clients expect from a token
-service); the body never repeats what was sent.
+service); the body never repeats what was sent. Every refused login is audited and
+counted; past the login limits the answer is 429 `TOOMANYREQUESTS` with `Retry-After`.
+Scopes never cause a 500: unknown actions and types are ignored, too many scopes or an
+unreadable form are a 400.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.auth import CredentialsInvalid, TokenGrant
+from proxy.auth import CredentialsInvalid, LoginLimited, ScopeInvalid, TokenGrant
+from proxy.middleware import request_id_of
 from proxy.principal import Principal
 from proxy.services import SERVICES, Services
 
@@ -31,12 +35,24 @@ def _grant_body(grant: TokenGrant, oauth: bool) -> dict[str, Any]:
     return body
 
 
-def _refused(services: Services, message: str) -> web.Response:
+def _error(status: int, code: str, message: str, headers: dict[str, str]) -> web.Response:
+    body = {"errors": [{"code": code, "message": message}]}
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def _refused(
+    request: web.Request, services: Services, error: CredentialsInvalid
+) -> web.Response:
+    await services.record_login_failure(
+        error, request_id=request_id_of(request), client=request.remote, endpoint="token"
+    )
+    if isinstance(error, LoginLimited):
+        services.observe_token("limited")
+        headers = {"Retry-After": str(error.retry_after)}
+        return _error(429, "TOOMANYREQUESTS", str(error), headers)
     services.observe_token("refused")
-    return web.json_response(
-        {"errors": [{"code": "UNAUTHORIZED", "message": message}]},
-        status=401,
-        headers={"WWW-Authenticate": 'Basic realm="registry-gate"'},
+    return _error(
+        401, "UNAUTHORIZED", str(error), {"WWW-Authenticate": 'Basic realm="registry-gate"'}
     )
 
 
@@ -44,7 +60,11 @@ def _issue(
     services: Services, principal: Principal, scopes: list[str], offline: bool, oauth: bool
 ) -> web.Response:
     assert services.authenticator is not None
-    grant = services.authenticator.grant(principal, scopes, services.may, offline=offline)
+    try:
+        grant = services.authenticator.grant(principal, scopes, services.may, offline=offline)
+    except ScopeInvalid as exc:
+        services.observe_token("invalid")
+        return _error(400, "UNSUPPORTED", str(exc), {})
     services.observe_token("anonymous" if principal.anonymous else "issued")
     return web.json_response(_grant_body(grant, oauth))
 
@@ -55,11 +75,11 @@ async def token_get(request: web.Request) -> web.Response:
     if services.authenticator is None:
         raise web.HTTPNotFound()
     try:
-        principal = services.authenticator.principal_from_basic(
-            request.headers.get("Authorization")
+        principal = await services.authenticator.principal_from_basic(
+            request.headers.get("Authorization"), request.remote
         )
     except CredentialsInvalid as exc:
-        return _refused(services, str(exc))
+        return await _refused(request, services, exc)
     offline = request.query.get("offline_token", "").lower() == "true"
     return _issue(services, principal, request.query.getall("scope", []), offline, oauth=False)
 
@@ -71,20 +91,26 @@ async def token_post(request: web.Request) -> web.Response:
     if authenticator is None:
         raise web.HTTPNotFound()
     if (request.content_length or 0) > MAX_FORM_BYTES:
-        return _refused(services, "request too large")
-    form = await request.post()
+        return _error(413, "SIZE_INVALID", "request too large", {})
+    try:
+        form = await request.post()
+    except ValueError:
+        # A body that is not a form (bad multipart boundary, bad encoding): the client's.
+        return web.json_response({"error": "invalid_request"}, status=400)
     grant_type = str(form.get("grant_type", ""))
     try:
         if grant_type == "password":
-            principal = authenticator.password_login(
-                str(form.get("username", "")), str(form.get("password", ""))
+            principal = await authenticator.password_login(
+                str(form.get("username", "")), str(form.get("password", "")), request.remote
             )
         elif grant_type == "refresh_token":
-            principal = await authenticator.refresh_login(str(form.get("refresh_token", "")))
+            principal = await authenticator.refresh_login(
+                str(form.get("refresh_token", "")), request.remote
+            )
         else:
             return web.json_response({"error": "unsupported_grant_type"}, status=400)
     except CredentialsInvalid as exc:
-        return _refused(services, str(exc))
+        return await _refused(request, services, exc)
     offline = str(form.get("access_type", "")) == "offline"
     scopes = [str(form.get("scope", ""))]
     response = _issue(services, principal, scopes, offline, oauth=True)

@@ -14,12 +14,14 @@ from proxy.auth import METHOD_ACTIONS, REFRESH_TOKEN_TTL, Authenticator, Credent
 from proxy.challenge import Scope, bearer_challenge
 from proxy.credentials import UserDirectory, load_groups, load_htpasswd
 from proxy.errors import Unauthorized
+from proxy.login_limits import LoginLimiter
 from proxy.principal import ANONYMOUS, Principal
-from proxy.settings import AuthSettings, ConfigError
+from proxy.settings import AuthSettings, ConfigError, LoginLimits
 from proxy.tokens import TokenIssuer, TokenVerifier
 
 SERVICE = "registry-gate"
 REALM = "https://gate.example/token"
+CLIENT = "192.0.2.7"
 PASSWORDS = {"alice": "wonderland", "bob": "b0b:with:colons", "carol": "ü-ñ-密码"}
 
 
@@ -65,7 +67,11 @@ def issuer(signing_key: rsa.RSAPrivateKey) -> TokenIssuer:
 @pytest.fixture
 def authenticator(issuer: TokenIssuer, users: UserDirectory) -> Authenticator:
     verifier = TokenVerifier(issuer, SERVICE, groups_of=users.groups_of)
-    return Authenticator(REALM, SERVICE, issuer, verifier, users)
+    return Authenticator(REALM, SERVICE, issuer, verifier, users, limiter())
+
+
+def limiter() -> LoginLimiter:
+    return LoginLimiter(LoginLimits())
 
 
 def basic(user: str, password: str) -> str:
@@ -216,18 +222,16 @@ def test_bad_groups_file(tmp_path: Path, text: str) -> None:
 # --- Basic credentials at the token endpoint ---------------------------------------------------
 
 
-def test_no_authorization_is_anonymous(authenticator: Authenticator) -> None:
-    assert authenticator.principal_from_basic(None) is ANONYMOUS
-    assert authenticator.principal_from_basic("") is ANONYMOUS
+async def test_no_authorization_is_anonymous(authenticator: Authenticator) -> None:
+    assert await authenticator.principal_from_basic(None, CLIENT) is ANONYMOUS
+    assert await authenticator.principal_from_basic("", CLIENT) is ANONYMOUS
 
 
-def test_basic_login(authenticator: Authenticator) -> None:
-    principal = authenticator.principal_from_basic(basic("bob", "b0b:with:colons"))
+async def test_basic_login(authenticator: Authenticator) -> None:
+    principal = await authenticator.principal_from_basic(basic("bob", "b0b:with:colons"), CLIENT)
     assert principal.user == "bob"
-    assert (
-        authenticator.principal_from_basic("basic " + basic("alice", "wonderland").split()[1]).user
-        == "alice"
-    )
+    lower_case = "basic " + basic("alice", "wonderland").split()[1]
+    assert (await authenticator.principal_from_basic(lower_case, CLIENT)).user == "alice"
 
 
 @pytest.mark.parametrize(
@@ -243,18 +247,18 @@ def test_basic_login(authenticator: Authenticator) -> None:
         "Digest username=alice",
     ],
 )
-def test_bad_basic_credentials(authenticator: Authenticator, header: str) -> None:
+async def test_bad_basic_credentials(authenticator: Authenticator, header: str) -> None:
     with pytest.raises(CredentialsInvalid) as info:
-        authenticator.principal_from_basic(header)
+        await authenticator.principal_from_basic(header, CLIENT)
     assert "wonderland" not in str(info.value)
 
 
-def test_password_login(authenticator: Authenticator) -> None:
-    assert authenticator.password_login("alice", "wonderland").user == "alice"
+async def test_password_login(authenticator: Authenticator) -> None:
+    assert (await authenticator.password_login("alice", "wonderland", CLIENT)).user == "alice"
     with pytest.raises(CredentialsInvalid):
-        authenticator.password_login("alice", "x")
+        await authenticator.password_login("alice", "x", CLIENT)
     with pytest.raises(CredentialsInvalid):
-        authenticator.password_login("ghost", "x")
+        await authenticator.password_login("ghost", "x", CLIENT)
 
 
 # --- grant ----------------------------------------------------------------------------------
@@ -267,7 +271,7 @@ async def test_grant_intersects_requested_scopes_with_may(authenticator: Authent
         calls.append((principal.user, action, name))
         return (name, action) in {("team/a", "pull"), ("team/b", "pull"), ("team/b", "push")}
 
-    alice = authenticator.password_login("alice", "wonderland")
+    alice = await authenticator.password_login("alice", "wonderland", CLIENT)
     grant = authenticator.grant(
         alice,
         [
@@ -321,13 +325,13 @@ def test_grant_issued_at_is_rfc3339(authenticator: Authenticator) -> None:
 
 def test_grant_without_issuer(users: UserDirectory) -> None:
     verifier = TokenVerifier(None, SERVICE)
-    authenticator = Authenticator(REALM, SERVICE, None, verifier, users)
+    authenticator = Authenticator(REALM, SERVICE, None, verifier, users, limiter())
     with pytest.raises(CredentialsInvalid):
         authenticator.grant(ANONYMOUS, [], allow_all, offline=False)
 
 
-def test_client_cannot_request_a_refresh_scope(authenticator: Authenticator) -> None:
-    alice = authenticator.password_login("alice", "wonderland")
+async def test_client_cannot_request_a_refresh_scope(authenticator: Authenticator) -> None:
+    alice = await authenticator.password_login("alice", "wonderland", CLIENT)
     grant = authenticator.grant(alice, ["refresh:login:refresh"], allow_all, offline=False)
     assert grant.scopes == ()
 
@@ -336,12 +340,12 @@ def test_client_cannot_request_a_refresh_scope(authenticator: Authenticator) -> 
 
 
 async def test_offline_grant_gives_a_refresh_token(authenticator: Authenticator) -> None:
-    alice = authenticator.password_login("alice", "wonderland")
+    alice = await authenticator.password_login("alice", "wonderland", CLIENT)
     grant = authenticator.grant(alice, ["repository:team/a:pull"], allow_all, offline=True)
     assert grant.refresh_token is not None
     claims = jwt.decode(grant.refresh_token, options={"verify_signature": False})
     assert claims["exp"] - claims["iat"] == REFRESH_TOKEN_TTL
-    principal = await authenticator.refresh_login(grant.refresh_token)
+    principal = await authenticator.refresh_login(grant.refresh_token, CLIENT)
     assert principal == alice
     # A refresh token grants no repository access by itself.
     verified = await authenticator.verifier.verify(grant.refresh_token)
@@ -354,34 +358,36 @@ def test_anonymous_principals_get_no_refresh_token(authenticator: Authenticator)
 
 
 async def test_only_refresh_scoped_tokens_refresh(authenticator: Authenticator) -> None:
-    alice = authenticator.password_login("alice", "wonderland")
+    alice = await authenticator.password_login("alice", "wonderland", CLIENT)
     access = authenticator.grant(alice, ["repository:team/a:pull"], allow_all, offline=True)
     with pytest.raises(CredentialsInvalid, match="not a refresh token"):
-        await authenticator.refresh_login(access.token)
+        await authenticator.refresh_login(access.token, CLIENT)
     anonymous = authenticator.grant(ANONYMOUS, [], allow_all, offline=False)
     with pytest.raises(CredentialsInvalid):
-        await authenticator.refresh_login(anonymous.token)
+        await authenticator.refresh_login(anonymous.token, CLIENT)
     assert authenticator.issuer is not None
     anonymous_refresh = authenticator.issuer.issue(
         ANONYMOUS, [Scope("refresh", "login", ("refresh",))]
     )
     with pytest.raises(CredentialsInvalid):
-        await authenticator.refresh_login(anonymous_refresh)
+        await authenticator.refresh_login(anonymous_refresh, CLIENT)
     for garbage in ("", "x.y.z", access.token + "x"):
         with pytest.raises(CredentialsInvalid, match="invalid refresh token"):
-            await authenticator.refresh_login(garbage)
+            await authenticator.refresh_login(garbage, CLIENT)
 
 
 async def test_refresh_rereads_group_membership(
     authenticator: Authenticator, issuer: TokenIssuer, htpasswd: Path
 ) -> None:
-    alice = authenticator.password_login("alice", "wonderland")
+    alice = await authenticator.password_login("alice", "wonderland", CLIENT)
     grant = authenticator.grant(alice, [], allow_all, offline=True)
     assert grant.refresh_token is not None
     # alice leaves every group; her refresh token must not carry the old ones.
     demoted = UserDirectory(load_htpasswd(htpasswd), {})
-    later = Authenticator(REALM, SERVICE, issuer, TokenVerifier(issuer, SERVICE), demoted)
-    assert await later.refresh_login(grant.refresh_token) == Principal("alice")
+    later = Authenticator(
+        REALM, SERVICE, issuer, TokenVerifier(issuer, SERVICE), demoted, limiter()
+    )
+    assert await later.refresh_login(grant.refresh_token, CLIENT) == Principal("alice")
 
 
 async def test_refresh_token_of_another_gate_refused(
@@ -395,7 +401,7 @@ async def test_refresh_token_of_another_gate_refused(
     )
     forged = other.issue(Principal("alice"), [Scope("refresh", "login", ("refresh",))])
     with pytest.raises(CredentialsInvalid):
-        await authenticator.refresh_login(forged)
+        await authenticator.refresh_login(forged, CLIENT)
 
 
 # --- per-request checks ---------------------------------------------------------------------
@@ -462,7 +468,7 @@ async def test_invalid_token_is_401_invalid_token(authenticator: Authenticator) 
 
 
 async def test_valid_token_passes(authenticator: Authenticator) -> None:
-    alice = authenticator.password_login("alice", "wonderland")
+    alice = await authenticator.password_login("alice", "wonderland", CLIENT)
     grant = authenticator.grant(alice, ["repository:team/a:pull"], allow_all, offline=False)
     verified = await authenticator.verify_request(
         {"Authorization": f"bearer  {grant.token} "}, REALM, None
