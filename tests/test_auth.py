@@ -8,9 +8,19 @@ from pathlib import Path
 import bcrypt
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from proxy.auth import METHOD_ACTIONS, REFRESH_TOKEN_TTL, Authenticator, CredentialsInvalid
+from proxy.auth import (
+    MAX_SCOPES,
+    METHOD_ACTIONS,
+    REFRESH_TOKEN_TTL,
+    Authenticator,
+    CredentialsInvalid,
+    LoginLimited,
+    ScopeInvalid,
+)
 from proxy.challenge import Scope, bearer_challenge
 from proxy.credentials import UserDirectory, load_groups, load_htpasswd
 from proxy.errors import Unauthorized
@@ -476,3 +486,162 @@ async def test_valid_token_passes(authenticator: Authenticator) -> None:
     assert verified.principal == alice
     assert verified.allows("team/a", "pull")
     assert not verified.allows("team/b", "pull")
+
+
+# --- timing: an unknown user costs what a known user costs (issue 11 #4) -----------------------
+
+
+def spy_checkpw(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The bcrypt cost of every hash `checkpw` is called with (rounds, not wall time)."""
+    costs: list[int] = []
+    real = bcrypt.checkpw
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        costs.append(int(hashed[4:6]))
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", spy)
+    return costs
+
+
+@pytest.mark.parametrize("cost", [4, 5, 10, 12])
+def test_unknown_user_check_costs_the_files_bcrypt_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cost: int
+) -> None:
+    # Hashes made once per cost by a cheap trick: the cost field is what checkpw reads,
+    # and a cost-12 hash is made only for this test (about 0.2 s).
+    path = tmp_path / "htpasswd"
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=cost)).decode()
+    path.write_text(f"dave:$2y${hashed[4:]}\n")
+    directory = UserDirectory(load_htpasswd(path), {})
+    assert directory.dummy_cost == cost
+    costs = spy_checkpw(monkeypatch)
+    assert directory.authenticate("dave", "wrong") is None
+    assert directory.authenticate("nobody", "wrong") is None
+    assert costs == [cost, cost]
+
+
+def test_dummy_cost_is_the_cost_most_entries_use(tmp_path: Path) -> None:
+    path = tmp_path / "htpasswd"
+    lines = []
+    for number, cost in enumerate([4, 5, 5, 6]):
+        hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=cost)).decode()
+        lines.append(f"user{number}:$2y${hashed[4:]}")
+    path.write_text("\n".join(lines) + "\n")
+    assert UserDirectory(load_htpasswd(path), {}).dummy_cost == 5
+
+
+# --- scopes with unknown actions (issue 11 #5) --------------------------------------------------
+
+
+POLICY_ALLOWS = {("team/a", "pull"), ("team/a", "delete")}
+
+
+def may_by_table(principal: Principal, action: str, name: str) -> bool:
+    # Like the real policy, an unknown action is a programming error, never a question.
+    assert action in ("pull", "push", "delete"), action
+    return (name, action) in POLICY_ALLOWS
+
+
+@pytest.mark.parametrize(
+    ("scope", "granted"),
+    [
+        ("repository:team/a:*", ("pull", "delete")),
+        ("repository:team/a:pull,*", ("pull", "delete")),
+        ("repository:team/a:foo", ()),
+        ("repository:team/a:pull,foo", ("pull",)),
+        ("repository:team/a:", ()),
+        ("repository:team/a:,,,", ()),
+        ("repository:team/a:push", ()),
+        ("registry:catalog:*", ()),
+        ("repository(plugin):team/a:*", ("pull", "delete")),
+    ],
+)
+def test_unknown_actions_are_ignored_and_star_is_what_policy_allows(
+    authenticator: Authenticator, scope: str, granted: tuple[str, ...]
+) -> None:
+    grant = authenticator.grant(ANONYMOUS, [scope], may_by_table, offline=False)
+    expected = (Scope("repository", "team/a", granted),) if granted else ()
+    assert grant.scopes == expected
+
+
+def test_scopes_of_one_repository_are_merged(authenticator: Authenticator) -> None:
+    grant = authenticator.grant(
+        ANONYMOUS,
+        ["repository:team/a:delete", "repository:team/a:pull repository:team/a:pull"],
+        may_by_table,
+        offline=False,
+    )
+    assert grant.scopes == (Scope("repository", "team/a", ("pull", "delete")),)
+
+
+def test_too_many_scopes_is_a_client_error(authenticator: Authenticator) -> None:
+    many = " ".join(f"repository:r{n}:pull" for n in range(MAX_SCOPES + 1))
+    with pytest.raises(ScopeInvalid):
+        authenticator.grant(ANONYMOUS, [many], allow_all, offline=False)
+    assert authenticator.grant(ANONYMOUS, [many.rpartition(" ")[0]], allow_all, offline=False)
+
+
+# --- refused logins say why, to audit and metrics only (issue 11 #3) --------------------------
+
+
+async def test_refusals_carry_reason_and_user_never_the_password(
+    authenticator: Authenticator,
+) -> None:
+    cases = {
+        basic("alice", "nope"): ("wrong_password", "alice"),
+        basic("mallory", "nope"): ("unknown_user", "mallory"),
+        "Basic !!!": ("malformed", None),
+        "Digest x": ("unsupported_scheme", None),
+    }
+    for header, (reason, user) in cases.items():
+        with pytest.raises(CredentialsInvalid) as info:
+            await authenticator.principal_from_basic(header, CLIENT)
+        assert (info.value.reason, info.value.user) == (reason, user)
+        assert "nope" not in str(info.value)
+
+
+async def test_a_limited_login_is_refused_before_its_password_is_checked(
+    authenticator: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(LoginLimits().per_user_client.burst):
+        with pytest.raises(CredentialsInvalid):
+            await authenticator.password_login("alice", "guess", CLIENT)
+    costs = spy_checkpw(monkeypatch)
+    with pytest.raises(LoginLimited) as info:
+        await authenticator.password_login("alice", "wonderland", CLIENT)
+    assert info.value.bucket == "user_client" and info.value.retry_after >= 1
+    assert costs == []  # not even the right password is checked while limited
+
+
+_PROPERTY_KEY = ec.generate_private_key(ec.SECP256R1())
+SCOPE_PARTS = st.one_of(
+    st.sampled_from(["repository", "registry", "repository(plugin)", "", "*", "refresh"]),
+    st.text(max_size=20),
+)
+ACTION_LISTS = st.lists(
+    st.one_of(st.sampled_from(["pull", "push", "delete", "*", "", "foo", "PULL"]), st.text()),
+    max_size=6,
+).map(",".join)
+SCOPE_TEXT = st.one_of(
+    st.builds(lambda t, n, a: f"{t}:{n}:{a}", SCOPE_PARTS, st.text(max_size=40), ACTION_LISTS),
+    st.text(max_size=200),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(SCOPE_TEXT, max_size=8))
+def test_any_scope_grants_only_known_actions_policy_allows(scopes: list[str]) -> None:
+    issuer = TokenIssuer(_PROPERTY_KEY, "registry-gate", SERVICE, ttl=300)
+    users = UserDirectory({}, {})
+    authenticator = Authenticator(
+        REALM, SERVICE, issuer, TokenVerifier(issuer, SERVICE), users, limiter()
+    )
+    try:
+        grant = authenticator.grant(ANONYMOUS, scopes, may_by_table, offline=False)
+    except ScopeInvalid:
+        return
+    for scope in grant.scopes:
+        assert scope.type == "repository"
+        assert scope.actions
+        assert all((scope.name, action) in POLICY_ALLOWS for action in scope.actions)

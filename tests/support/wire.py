@@ -76,11 +76,18 @@ def request(
     headers: HeaderLines = (),
     body: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    source: str | None = None,
 ) -> Reply:
-    """Send one request to ``base_url`` (``http://host:port``) with ``path`` as given."""
+    """Send one request to ``base_url`` (``http://host:port``) with ``path`` as given;
+    ``source``: the local address to send from (``127.0.0.7``: another client)."""
     parts = urlsplit(base_url)
     assert parts.hostname is not None and parts.scheme == "http", base_url
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    conn = http.client.HTTPConnection(
+        parts.hostname,
+        parts.port or 80,
+        timeout=timeout,
+        source_address=(source, 0) if source is not None else None,
+    )
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         for name, value in _lines(headers):
