@@ -94,8 +94,8 @@ async def token_post(request: web.Request) -> web.Response:
         return _error(413, "SIZE_INVALID", "request too large", {})
     try:
         form = await request.post()
-    except ValueError:
-        # A body that is not a form (bad multipart boundary, bad encoding): the client's.
+    except (ValueError, LookupError):
+        # Not a form (bad multipart boundary, bad encoding, unknown charset): the client's.
         return web.json_response({"error": "invalid_request"}, status=400)
     grant_type = str(form.get("grant_type", ""))
     try:

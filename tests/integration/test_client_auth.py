@@ -37,7 +37,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -324,6 +324,48 @@ def test_the_token_endpoint_answers_any_scope_without_a_5xx(
         reply = gate.token(login, password, *scopes, source=source)
     assert reply.status < 500, reply
     json.loads(reply.body)  # always a JSON document
+
+
+CONTENT_TYPES = st.one_of(
+    st.builds(
+        lambda kind, params: kind + params,
+        st.sampled_from(
+            ["application/x-www-form-urlencoded", "multipart/form-data", "text/plain", ""]
+        ),
+        st.sampled_from(["", "; charset=klingon", "; charset=utf-16", "; boundary=xyz", ";"]),
+    ),
+    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60),
+)
+BODIES = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda fields: urllib.parse.urlencode(fields).encode(),
+        st.lists(
+            st.tuples(
+                st.sampled_from(["grant_type", "username", "password", "scope", "refresh_token"]),
+                st.one_of(st.sampled_from(["password", "refresh_token", "alice"]), st.text()),
+            ),
+            max_size=5,
+        ),
+    ),
+    st.just(b'--xyz\r\nContent-Disposition: form-data; name="grant_type"\r\n\r\npassword'),
+)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(content_type=CONTENT_TYPES, body=BODIES)
+@example(content_type="application/x-www-form-urlencoded; charset=klingon", body=b"a=b")
+def test_the_token_form_answers_any_body_without_a_5xx(
+    gate: Gate, content_type: str, body: bytes
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    reply = request(gate.url, "POST", "/token", headers, body, source="127.0.0.63")
+    assert reply.status < 500, reply
+    json.loads(reply.body)
 
 
 # -- operator endpoints (issue 11 #10) ---------------------------------------------------------
