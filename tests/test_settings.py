@@ -297,6 +297,26 @@ BAD_UPSTREAM = {"registry": "quay.io", "url": "https://quay.io"}
             "auth.trusted_issuers.0.audience",
             id="issuer-no-audience",
         ),
+        pytest.param(
+            with_(MINIMAL, auth={"login_limits": {"per_user": {"burst": 0, "interval": 5}}}),
+            "auth.login_limits.per_user.burst",
+            id="login-burst",
+        ),
+        pytest.param(
+            with_(MINIMAL, auth={"login_limits": {"per_client": {"burst": 5, "interval": 0}}}),
+            "auth.login_limits.per_client.interval",
+            id="login-interval",
+        ),
+        pytest.param(
+            with_(MINIMAL, auth={"login_limits": {"per_ip": {"burst": 5, "interval": 1}}}),
+            "auth.login_limits.per_ip",
+            id="login-typo",
+        ),
+        pytest.param(
+            with_(MINIMAL, auth={"operators": {"users": "alice"}}),
+            "auth.operators.users",
+            id="operators",
+        ),
         pytest.param(with_(MINIMAL, audit={"path": ["x"]}), "audit.path", id="audit"),
         pytest.param(with_(MINIMAL, log_level="verbose"), "log_level", id="log-level"),
         pytest.param(
