@@ -60,6 +60,9 @@ async def operator_principal(request: web.Request) -> Principal:
             # A refresh token stands for a long login, not for access (as on /v2).
             raise unauthorized("a refresh token is not an access token", "invalid_token")
         principal = verified.principal
+        if principal.anonymous:
+            # An anonymous token proves nobody: a login could still help.
+            raise unauthorized("authentication required")
     else:
         raise unauthorized("authentication required")
     operators = services.settings.auth.operators

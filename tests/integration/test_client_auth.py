@@ -380,6 +380,7 @@ def test_operator_endpoints_need_an_operator(gate: Gate) -> None:
     assert alice_reply.status == 200, alice_reply
     alice_token = alice_reply.json()["token"]
     dave_token = gate.token("dave", PASSWORDS["dave"], source=source).json()["token"]
+    anonymous_token = gate.token(None, None, source=source).json()["token"]
     for path in OPERATOR_PATHS:
         anonymous = gate.get(path, source=source)
         assert anonymous.status == 401, anonymous
@@ -391,6 +392,8 @@ def test_operator_endpoints_need_an_operator(gate: Gate) -> None:
             assert refused.status == 403 and refused.error_codes == ["DENIED"], refused
         forged = gate.get(path, {"Authorization": f"Bearer {alice_token}x"}, source)
         assert forged.status == 401, forged
+        nobody = gate.get(path, {"Authorization": f"Bearer {anonymous_token}"}, source)
+        assert nobody.status == 401, nobody
         # Operators: a user listed by name (Basic, as a scraper sends it), a group member
         # with a token.
         for credential in (basic("carol", PASSWORDS["carol"]), f"Bearer {alice_token}"):
