@@ -15,11 +15,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from multidict import CIMultiDict
 
-from proxy.errors import ManifestTooLarge, RangeInvalid
+from proxy.errors import ManifestTooLarge, RangeInvalid, Unsupported
 from proxy.manifest_checks import MAX_MANIFEST_SIZE
-from proxy.references import Repository
+from proxy.references import Repository, is_digest
 from proxy.upload_tokens import UploadSealer
-from proxy.upstream import Kind, UpstreamClient
+from proxy.upstream import Kind, PassThroughError, UpstreamClient
 
 # A chunk's `Content-Range` on PATCH: inclusive offsets, no `bytes ` prefix.
 _CHUNK_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
@@ -272,14 +272,24 @@ class Pusher:
     ) -> Forwarded:
         """DELETE a manifest, tag or blob upstream."""
         segment = "manifests" if kind == "manifest" else "blobs"
-        return await self._forward(
-            "DELETE",
-            repository,
-            address,
-            f"/v2/{repository.path}/{segment}/{reference}",
-            kind=kind,
-            actions=("delete",),
-        )
+        try:
+            return await self._forward(
+                "DELETE",
+                repository,
+                address,
+                f"/v2/{repository.path}/{segment}/{reference}",
+                kind=kind,
+                actions=("delete",),
+            )
+        except PassThroughError as error:
+            if error.code != "DIGEST_INVALID" or kind != "manifest" or is_digest(reference):
+                raise
+            # Distribution 2.8 answers a tag DELETE with DIGEST_INVALID; the spec's word
+            # for a registry that does not delete tags is 405 UNSUPPORTED.
+            raise Unsupported(
+                f"{repository.registry} does not support deleting tags; delete the manifest "
+                "by digest"
+            ) from error
 
 
 async def read_manifest_body(body: AsyncIterable[bytes]) -> bytes:

@@ -257,6 +257,20 @@ def test_pull_manifest_by_digest_pushed_by_digest(target: Target) -> None:
     assert got.body == raw
 
 
+def test_pull_nonexistent_manifest(target: Target) -> None:
+    """The suite's "nonexistent manifest" is a reference that is not even a valid tag:
+    GET and HEAD answer 404 (MANIFEST_UNKNOWN on a body), not a 400."""
+    name = target.name("pull-manifest")
+    target.push_image(name, "tagtest0", seed=1)
+    for method in ("GET", "HEAD"):
+        reply = target.req(method, f"/v2/{name}/manifests/.INVALID_MANIFEST_NAME")
+        assert reply.status == 404, (method, reply)
+        if method == "GET" and target.id == "gate":
+            # Distribution's router answers a plain-text 404 here; the suite checks only
+            # the status, the gate also gives the spec's code.
+            assert_oci_error(reply, "MANIFEST_UNKNOWN")
+
+
 def test_pull_manifest_with_an_invalid_digest(
     request: pytest.FixtureRequest, target: Target
 ) -> None:
@@ -620,16 +634,15 @@ def test_delete_tag(request: pytest.FixtureRequest, target: Target) -> None:
         request,
         target,
         "upstream",
-        "gate",
         reason="Distribution 2.8 answers a tag DELETE with 400 DIGEST_INVALID (the suite wants "
-        "202, 405, or 400 UNSUPPORTED); the gate relays the upstream's answer",
+        "202, 405, or 400 UNSUPPORTED); the gate repairs it to 405 UNSUPPORTED",
     )
     name = target.name("management")
     raw, digest, _ = target.push_image(name, "keep", seed=41)
     assert target.push_manifest(name, "drop", raw).status == 201
     reply = target.req("DELETE", f"/v2/{name}/manifests/drop")
     assert reply.status in (202, 400, 405), reply
-    if reply.status == 400:
+    if reply.status in (400, 405):
         assert_oci_error(reply, "UNSUPPORTED")
     if reply.status == 202:
         tags = target.req("GET", f"/v2/{name}/tags/list").json()["tags"]
