@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import client_config, operator_commands
+from proxy import __version__, client_config, operator_commands
 from proxy.app import build_app, build_metrics_app, build_services
 from proxy.logging_setup import configure_logging
 from proxy.services import Services
@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="registry-gate", description="An access-policy proxy for container registries."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"registry-gate {__version__}")
+    commands = parser.add_subparsers(dest="command")
     serve = commands.add_parser("serve", help="run the gate")
     serve.add_argument("--config", type=Path, help="gate.yaml (default: embedded default)")
     check = commands.add_parser("check-config", help="validate a configuration and exit")
@@ -54,10 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("cache_command", choices=["stats", "verify", "gc"])
     cache.add_argument("--config", type=Path)
     cache.add_argument("--remove", action="store_true", help="verify: delete corrupt entries")
-    client = commands.add_parser("client-config", help="print client configuration")
+    client = commands.add_parser("client-config", help="print or write client configuration")
     client.add_argument("client", choices=["docker", "containerd", "podman"])
     client.add_argument("--url", required=True, help="the gate's URL, e.g. http://gate:5000")
     client.add_argument("--config", type=Path, help="gate.yaml (registries to list)")
+    client.add_argument(
+        "--output", type=Path, help="write the files under this folder at their real paths"
+    )
     return parser
 
 
@@ -127,26 +131,43 @@ async def _serve(settings: Settings, services: Services) -> None:
             await runner.cleanup()
 
 
-def _client_config(client: str, url: str, config: Path | None) -> int:
+def _client_config(client: str, url: str, config: Path | None, output: Path | None) -> int:
     settings = _load(config)
     registries = [u.registry for u in settings.upstreams]
     try:
         if client == "docker":
-            files = client_config.docker(url)
+            generated = client_config.docker(url)
         elif client == "containerd":
-            files = client_config.containerd(url, registries)
+            generated = client_config.containerd(url, registries)
         else:
-            files = client_config.podman(url, registries, registries)
+            generated = client_config.podman(url, registries, registries)
     except ValueError as exc:
         print(f"registry-gate: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    print(client_config.render(files))
+    for warning in generated.warnings:
+        print(warning, file=sys.stderr)
+    if output is None:
+        sys.stdout.write(client_config.render(generated.files))
+        return 0
+    for file in generated.files:
+        path = output / client_config.relative_path(file)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(file.content)
+        except OSError as exc:
+            print(f"registry-gate: --output: cannot write {path}: {exc.strerror}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(path)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     if args.command == "serve":
         serve(_load(args.config))
         return 0
@@ -173,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             operator_commands.cache_command(settings, args.cache_command, remove=args.remove)
         )
     if args.command == "client-config":
-        return _client_config(args.client, args.url, args.config)
+        return _client_config(args.client, args.url, args.config, args.output)
     if args.command == "check-config":
         settings = _load(args.config)
         try:

@@ -1,9 +1,10 @@
 """Client configuration that points Docker, containerd and podman at the gate (pure).
 
 `registry-gate client-config docker|containerd|podman --url URL` prints what to install
-on a client. Each configuration is chosen so the gate is not silently bypassed where the
-client allows that, and says plainly where it does not (a Docker daemon falls back to
-Docker Hub on any mirror error, so a perimeter also needs an egress rule).
+on a client (or writes it under a folder with `--output`). Each configuration is chosen
+so the gate is not silently bypassed where the client allows that, and says plainly
+where it does not (a Docker daemon falls back to Docker Hub on any mirror error, so a
+perimeter also needs an egress rule).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 DOCKER_WARNING = """\
@@ -30,10 +32,18 @@ DOCKER_WARNING = """\
 
 @dataclass(frozen=True, slots=True)
 class GeneratedFile:
-    """One file a client needs: where it goes and what it holds."""
+    """One file a client needs: where it goes (absolute) and what it holds."""
 
     path: str
     content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """The files of one client's configuration, and what its operator must read."""
+
+    files: list[GeneratedFile]
+    warnings: list[str]
 
 
 def _host_of(url: str) -> tuple[str, str]:
@@ -45,7 +55,7 @@ def _host_of(url: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc
 
 
-def docker(url: str) -> list[GeneratedFile]:
+def docker(url: str) -> ClientConfig:
     """`/etc/docker/daemon.json` making the gate a Docker Hub mirror, with the warning."""
     scheme, netloc = _host_of(url)
     host, _, port = netloc.partition(":")
@@ -53,13 +63,13 @@ def docker(url: str) -> list[GeneratedFile]:
     if scheme == "http":
         document["insecure-registries"] = [netloc]
     warning = DOCKER_WARNING.format(host=host, port=port or ("443" if scheme == "https" else "80"))
-    return [
-        GeneratedFile("/etc/docker/daemon.json", json.dumps(document, indent=2) + "\n"),
-        GeneratedFile("(read this)", warning + "\n"),
-    ]
+    return ClientConfig(
+        [GeneratedFile("/etc/docker/daemon.json", json.dumps(document, indent=2) + "\n")],
+        [warning],
+    )
 
 
-def containerd(url: str, registries: Sequence[str]) -> list[GeneratedFile]:
+def containerd(url: str, registries: Sequence[str]) -> ClientConfig:
     """hosts.toml files: every registry goes through the gate, with `server` the gate too.
 
     `server` is what containerd falls back to when the mirror fails; pointing it at the
@@ -78,10 +88,10 @@ def containerd(url: str, registries: Sequence[str]) -> list[GeneratedFile]:
         if scheme == "http":
             content += "  skip_verify = true\n"
         files.append(GeneratedFile(f"/etc/containerd/certs.d/{registry}/hosts.toml", content))
-    return files
+    return ClientConfig(files, [])
 
 
-def podman(url: str, registries: Sequence[str], search: Sequence[str]) -> list[GeneratedFile]:
+def podman(url: str, registries: Sequence[str], search: Sequence[str]) -> ClientConfig:
     """registries.conf sending each registry to the gate by path prefix (no fallback)."""
     _scheme, netloc = _host_of(url)
     lines = [
@@ -99,9 +109,21 @@ def podman(url: str, registries: Sequence[str], search: Sequence[str]) -> list[G
             f"insecure = {'true' if _scheme == 'http' else 'false'}",
             "",
         ]
-    return [GeneratedFile("/etc/containers/registries.conf", "\n".join(lines))]
+    return ClientConfig([GeneratedFile("/etc/containers/registries.conf", "\n".join(lines))], [])
 
 
 def render(files: Sequence[GeneratedFile]) -> str:
-    """All files as text, each under a header naming its path."""
+    """What stdout gets: one file's content as it is (so `> daemon.json` works), or
+    several files each under a `### path` header."""
+    if len(files) == 1:
+        return files[0].content
     return "\n".join(f"### {f.path}\n{f.content}" for f in files)
+
+
+def relative_path(file: GeneratedFile) -> PurePosixPath:
+    """Where a file goes under an output folder: its absolute path made relative
+    (`/etc/docker/daemon.json` -> `etc/docker/daemon.json`), never outside the folder."""
+    path = PurePosixPath(file.path.lstrip("/"))
+    if ".." in path.parts or not path.parts:
+        raise ValueError(f"refusing to write {file.path!r}")
+    return path

@@ -178,20 +178,31 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or foreign stream
+        return False
+
+
 class _GateHandler(logging.StreamHandler[TextIO]):
     """The handler `configure_logging` installs (so a second call replaces, not adds)."""
 
 
 def configure_logging(
     level: str = "info",
-    log_format: Literal["json", "text"] = "json",
+    log_format: Literal["json", "text", "auto"] = "auto",
     stream: TextIO | None = None,
 ) -> logging.Handler:
     """Send all logging to `stream` (stderr) in the chosen format; returns the handler.
 
+    `auto`: text for a person at a terminal, JSON for a collector (anything else).
     Called once by the command line (`settings.log_level`, `settings.log_format`).
     """
-    handler = _GateHandler(stream if stream is not None else sys.stderr)
+    target = stream if stream is not None else sys.stderr
+    if log_format == "auto":
+        log_format = "text" if _is_terminal(target) else "json"
+    handler = _GateHandler(target)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()

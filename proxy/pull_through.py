@@ -19,6 +19,7 @@ import aiohttp
 from cachetools import LRUCache
 from multidict import CIMultiDict
 
+from proxy import referrers
 from proxy.cache import Cache
 from proxy.errors import (
     ServiceUnavailable,
@@ -89,6 +90,7 @@ class PullThrough:
         self.fill_upstreams: dict[str, str] = {}
         self._inspected: LRUCache[str, ManifestInfo] = LRUCache(maxsize=4096)
         self._held_checks: dict[tuple[Repository, str], asyncio.Task[None]] = {}
+        self.referrers_fallback = referrers.ReferrersFallback(clients)
 
     @property
     def cache(self) -> Cache:
@@ -345,7 +347,9 @@ class PullThrough:
     async def referrers(
         self, repository: Repository, digest: str, artifact_type: str | None
     ) -> tuple[bytes, CIMultiDict[str]]:
-        """The referrers index; an empty index where the upstream has no referrers API."""
+        """The referrers index: the upstream's API, or else its referrers tag schema (an
+        index under the tag `<alg>-<hex>`), or else an empty index; filtered by
+        `artifactType` here when the upstream did not filter."""
         client = self.client(repository)
         query = [("artifactType", artifact_type)] if artifact_type else []
         response = await client.request(
@@ -358,17 +362,36 @@ class PullThrough:
         )
         headers: CIMultiDict[str] = CIMultiDict({"Content-Type": EMPTY_INDEX_TYPE})
         if response.status == 404:
+            # No referrers API (Distribution 2.8 answers 404 to the path).
             response.release()
-            empty = {"schemaVersion": 2, "mediaType": EMPTY_INDEX_TYPE, "manifests": []}
-            return json.dumps(empty).encode(), headers
-        await client.raise_for_status(response, "referrers")
-        try:
-            body = await read_capped(response, MAX_MANIFEST_SIZE)
-        finally:
-            response.release()
-        if "OCI-Filters-Applied" in response.headers:
-            headers["OCI-Filters-Applied"] = response.headers["OCI-Filters-Applied"]
-        return body, headers
+            document = await self.referrers_fallback.read(repository, digest)
+            filtered = False
+        else:
+            await client.raise_for_status(response, "referrers")
+            try:
+                body = await read_capped(response, MAX_MANIFEST_SIZE)
+            finally:
+                response.release()
+            try:
+                document = referrers.parse_index(body)
+            except (ValueError, RecursionError) as exc:
+                raise UpstreamUnavailable(
+                    f"upstream {client.name} sent a referrers answer that is not an index"
+                ) from exc
+            filtered = referrers.FILTERS_APPLIED in response.headers
+        document = document or referrers.empty_index()
+        # The answer is always an OCI index of this repository's referrers, whatever the
+        # fallback tag's own annotations said.
+        document = {
+            "schemaVersion": 2,
+            "mediaType": EMPTY_INDEX_TYPE,
+            "manifests": document["manifests"],
+        }
+        if artifact_type:
+            if not filtered:
+                document = referrers.filter_by_artifact_type(document, artifact_type)
+            headers[referrers.FILTERS_APPLIED] = "artifactType"
+        return referrers.encode(document), headers
 
     async def repository_exists(self, repository: Repository) -> bool:
         """Whether the upstream knows the repository (its tag list); False only on 404."""

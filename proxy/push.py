@@ -8,6 +8,7 @@ Policy has already decided by the time anything here runs.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
@@ -15,12 +16,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from multidict import CIMultiDict
 
-from proxy.errors import ManifestTooLarge, RangeInvalid
+from proxy import referrers
+from proxy.errors import ManifestTooLarge, RangeInvalid, RegistryError, Unsupported
 from proxy.manifest_checks import MAX_MANIFEST_SIZE
-from proxy.references import Repository
+from proxy.references import Repository, is_digest
 from proxy.upload_tokens import UploadSealer
-from proxy.upstream import Kind, UpstreamClient
+from proxy.upstream import Kind, PassThroughError, UpstreamClient
 
+log = logging.getLogger("registry_gate.push")
 # A chunk's `Content-Range` on PATCH: inclusive offsets, no `bytes ` prefix.
 _CHUNK_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
 # Request headers relayed to the upstream on uploads and manifest PUTs.
@@ -83,6 +86,7 @@ class Pusher:
     def __init__(self, clients: dict[str, UpstreamClient], sealer: UploadSealer) -> None:
         self.clients = clients
         self.sealer = sealer
+        self.referrers_fallback = referrers.ReferrersFallback(clients)
 
     def _rewrite_upload_location(
         self, repository: Repository, address: ClientAddress, location: str
@@ -255,7 +259,7 @@ class Pusher:
         """PUT a manifest, bytes exactly as the client sent them."""
         if len(body) > MAX_MANIFEST_SIZE:
             raise ManifestTooLarge("manifest too large")
-        return await self._forward(
+        forwarded = await self._forward(
             "PUT",
             repository,
             address,
@@ -266,20 +270,46 @@ class Pusher:
             headers=headers,
             body=body,
         )
+        digest = forwarded.headers.get("Docker-Content-Digest")
+        media_type = headers.get("Content-Type", "")
+        referrer = referrers.referrer_descriptor(body, media_type, digest) if digest else None
+        if referrer is not None and "OCI-Subject" not in forwarded.headers:
+            # The upstream has no referrers API: keep the referrers tag schema for it,
+            # and say so with OCI-Subject, so the client does not do it a second time.
+            subject, descriptor = referrer
+            try:
+                await self.referrers_fallback.add(repository, subject, descriptor)
+            except RegistryError as error:
+                # The manifest is pushed; without OCI-Subject the client keeps the
+                # fallback tag itself, which is the spec's behaviour for such registries.
+                log.warning("referrers tag for %s not updated: %s", subject, error.message)
+            else:
+                forwarded.headers["OCI-Subject"] = subject
+        return forwarded
 
     async def delete(
         self, repository: Repository, address: ClientAddress, kind: Kind, reference: str
     ) -> Forwarded:
         """DELETE a manifest, tag or blob upstream."""
         segment = "manifests" if kind == "manifest" else "blobs"
-        return await self._forward(
-            "DELETE",
-            repository,
-            address,
-            f"/v2/{repository.path}/{segment}/{reference}",
-            kind=kind,
-            actions=("delete",),
-        )
+        try:
+            return await self._forward(
+                "DELETE",
+                repository,
+                address,
+                f"/v2/{repository.path}/{segment}/{reference}",
+                kind=kind,
+                actions=("delete",),
+            )
+        except PassThroughError as error:
+            if error.code != "DIGEST_INVALID" or kind != "manifest" or is_digest(reference):
+                raise
+            # Distribution 2.8 answers a tag DELETE with DIGEST_INVALID; the spec's word
+            # for a registry that does not delete tags is 405 UNSUPPORTED.
+            raise Unsupported(
+                f"{repository.registry} does not support deleting tags; delete the manifest "
+                "by digest"
+            ) from error
 
 
 async def read_manifest_body(body: AsyncIterable[bytes]) -> bytes:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.addressing import Target, V2Route, locate, parse_v2_path
-from proxy.errors import NameInvalid, NameUnknown, Unsupported
+from proxy.errors import ManifestUnknown, NameInvalid, NameUnknown, RegistryError, Unsupported
 from proxy.gatekeeper import RequestContext
 from proxy.middleware import API_VERSION_HEADER, request_id_of
 from proxy.principal import ANONYMOUS
@@ -49,7 +49,17 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
     ns = request.query.get("ns")
     target = locate(route.name, ns, services.registries)
     if route.ref is not None and route.kind == "manifest":
-        validate_reference(route.ref)
+        try:
+            validate_reference(route.ref)
+        except RegistryError:
+            if request.method not in PULL_METHODS:
+                raise
+            # A reference that can name nothing is a manifest no repository has: 404, as
+            # Distribution answers and the conformance suite expects (TAG_INVALID is for
+            # writes), still without asking the upstream.
+            raise ManifestUnknown(
+                "manifest unknown", detail={"reference": route.ref[:200]}
+            ) from None
     elif route.ref is not None and route.kind in ("blob", "referrers"):
         validate_digest(route.ref)
     if request.method not in PULL_METHODS or route.kind in ("upload", "upload_start"):

@@ -276,7 +276,8 @@ class Settings(_Strict):
         description="close a client connection idle this long, or still sending headers",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = "json"
+    # auto: text when stderr is a terminal, JSON otherwise (collectors, containers).
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     @field_validator("listen")
     @classmethod

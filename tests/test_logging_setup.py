@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -154,3 +155,19 @@ def test_credentials_in_extras_are_redacted(
     (line,) = lines(stream)
     assert line["headers"] == {"Authorization": f"Bearer {REDACTED}", "Docker-Content-Digest": "d"}
     assert line["token_ttl"] == 300
+
+
+def test_auto_format_is_text_on_a_terminal_and_json_elsewhere(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    primary, secondary = os.openpty()
+    with os.fdopen(secondary, "w", buffering=1) as terminal, os.fdopen(primary, "rb", 0) as screen:
+        configure_logging("info", "auto", terminal)
+        logging.getLogger("registry_gate.test").info("to a person")
+        line = screen.read(4096).decode()
+    assert "INFO registry_gate.test [-] to a person" in line, line
+    assert not line.lstrip().startswith("{")
+    pipe = io.StringIO()
+    configure_logging("info", "auto", pipe)
+    logging.getLogger("registry_gate.test").info("to a collector")
+    assert json.loads(pipe.getvalue().splitlines()[-1])["message"] == "to a collector"

@@ -148,7 +148,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.storage.max_size == 20 * 1024**3
     assert settings.auth.mode == "none"
     assert settings.auth.token_ttl == 300
-    assert settings.log_format == "json"
+    assert settings.log_format == "auto"
 
 
 def test_embedded_default() -> None:

@@ -598,8 +598,9 @@ def test_containerd_pull_with_hosts_dir_sends_ns(
 # -- the generated client configuration --------------------------------------------------------
 
 
-def client_config_files(gate: GateProcess, client: str) -> dict[str, str]:
-    """``registry-gate client-config CLIENT`` for this gate, as {path: content}."""
+def client_config_files(gate: GateProcess, client: str, output: Path) -> dict[str, str]:
+    """``registry-gate client-config CLIENT --output DIR`` for this gate: the files it
+    wrote, as {absolute path on a client: content}."""
     proc = run(
         [
             sys.executable,
@@ -611,12 +612,17 @@ def client_config_files(gate: GateProcess, client: str) -> dict[str, str]:
             gate.url,
             "--config",
             str(gate.config_path),
+            "--output",
+            str(output),
         ]
     )
-    files: dict[str, str] = {}
-    for section in proc.stdout.split("### ")[1:]:
-        path, _, content = section.partition("\n")
-        files[path.strip()] = content
+    written = {Path(line) for line in proc.stdout.splitlines() if line.strip()}
+    files = {
+        "/" + str(path.relative_to(output)): path.read_text()
+        for path in output.rglob("*")
+        if path.is_file()
+    }
+    assert {output / p.lstrip("/") for p in files} == written, (files, proc.stdout)
     return files
 
 
@@ -629,7 +635,7 @@ def test_generated_containerd_hosts_pull_without_fallback(
 ) -> None:
     """The hosts.toml files `client-config containerd` prints, installed as they are:
     the gate is both the host and the `server`, so nothing can fall back."""
-    files = client_config_files(gate, "containerd")
+    files = client_config_files(gate, "containerd", tmp_path / "generated")
     assert "/etc/containerd/certs.d/_default/hosts.toml" in files
     for path, content in files.items():
         registry = Path(path).parent.name
@@ -652,7 +658,7 @@ def test_generated_podman_registries_conf_pulls_by_path_prefix(
     """The registries.conf `client-config podman` prints: every registry's location is
     the gate with a path prefix, so podman never talks to a registry directly."""
     require("podman")
-    (conf,) = client_config_files(gate, "podman").values()
+    (conf,) = client_config_files(gate, "podman", tmp_path / "generated").values()
     assert f'location = "{gate.host}/quay.io"' in conf
     with short_dir() as runroot:
         local = Podman(tmp_path, conf, runroot)

@@ -135,8 +135,9 @@ def _clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]
 
 
 def client_config_docker(gate_url: str) -> tuple[dict[str, Any], str]:
-    """Run ``registry-gate client-config docker --url gate_url`` (this checkout) and
-    return its ``daemon.json`` document and the warning text printed after it."""
+    """Run ``registry-gate client-config docker --url gate_url`` (this checkout) as an
+    operator installs it, ``> daemon.json``, and return that document and the warning
+    printed on stderr."""
     env = _clean_environment(
         {
             "PYTHONPATH": os.pathsep.join(
@@ -156,17 +157,13 @@ def client_config_docker(gate_url: str) -> tuple[dict[str, Any], str]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"client-config docker failed ({proc.returncode}):\n{proc.stderr}")
-    sections: dict[str, str] = {}
-    for block in re.split(r"^### ", proc.stdout, flags=re.MULTILINE):
-        if block.strip():
-            title, _, body = block.partition("\n")
-            sections[title.strip()] = body
-    if "/etc/docker/daemon.json" not in sections:
-        raise RuntimeError(f"client-config docker printed no daemon.json:\n{proc.stdout}")
-    document = json.loads(sections.pop("/etc/docker/daemon.json"))
+    try:
+        document = json.loads(proc.stdout)
+    except ValueError as exc:
+        raise RuntimeError(f"client-config docker printed no JSON:\n{proc.stdout}") from exc
     if not isinstance(document, dict):
         raise RuntimeError(f"daemon.json is not an object: {document!r}")
-    return document, "\n".join(sections.values())
+    return document, proc.stderr
 
 
 def _ping(sock: Path, timeout: float = 1.0) -> bool:
