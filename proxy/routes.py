@@ -96,9 +96,26 @@ async def _manifest(
     gatekeeper = services.gatekeeper
     access = await gatekeeper.check_pull(context, target, route.ref, "manifest")
     head = request.method == "HEAD"
-    result = await services.pull.manifest(
-        access.location, route.ref, request.headers.getall("Accept", []), head=head
-    )
+    event = "manifest_head" if head else "manifest_pull"
+    name = f"{target.requested}:{route.ref}" if not is_digest(route.ref) else target.requested
+    try:
+        result = await services.pull.manifest(
+            access.location, route.ref, request.headers.getall("Accept", []), head=head
+        )
+    except RegistryError as error:
+        # An allowed pull that failed upstream is still a decision an auditor asks about
+        # ("who tried to pull what, and what happened").
+        await gatekeeper.record(
+            context,
+            event=event,
+            action="pull",
+            name=name,
+            access=access,
+            resolved=access.repository.reference(route.ref),
+            status=error.status,
+            reason=f"{error.code}: {error.message}",
+        )
+        raise
     headers = {
         "Content-Type": result.info.media_type,
         "Docker-Content-Digest": result.info.digest,
@@ -118,9 +135,9 @@ async def _manifest(
         )
     await gatekeeper.record(
         context,
-        event="manifest_head" if head else "manifest_pull",
+        event=event,
         action="pull",
-        name=f"{target.requested}:{route.ref}" if not is_digest(route.ref) else target.requested,
+        name=name,
         access=access,
         resolved=access.repository.reference(route.ref),
         digest=result.info.digest,

@@ -16,7 +16,9 @@ matching requests:
   (any body fault also pauses like this at ``pause_at`` bytes, when set);
 - ``hang``: answer nothing until ``release()`` (or ``timeout``), then forward;
 - ``status``: answer ``status`` (default 503) with an OCI error body;
-- ``429``: answer 429 with ``Retry-After``.
+- ``429``: answer 429 with ``Retry-After``;
+- ``slow``: wait ``delay`` seconds, then forward;
+- ``redirect``: answer 307 to the same path on this proxy (a redirect loop).
 
 ``down()`` stops listening and drops every open connection (clients get "connection
 refused"), ``up()`` listens again on the same port. The target may be a callable, so the
@@ -50,7 +52,9 @@ __all__ = [
 
 T = TypeVar("T")
 
-FAULT_KINDS = frozenset({"corrupt", "truncate", "short", "html", "stall", "hang", "status", "429"})
+FAULT_KINDS = frozenset(
+    {"corrupt", "truncate", "short", "html", "stall", "hang", "status", "429", "slow", "redirect"}
+)
 # Faults that change a body: by default they apply to blob GETs only.
 BODY_FAULTS = frozenset({"corrupt", "truncate", "short", "html", "stall"})
 HOP_BY_HOP = frozenset(
@@ -137,6 +141,7 @@ class Fault:
     status: int = 503
     retry_after: str = "7"
     timeout: float = 30.0  # hang/stall: longest wait for release()
+    delay: float = 0.5  # slow: seconds before forwarding
     hits: int = 0
     released: bool = False  # set by release(): holds no more
 
@@ -422,6 +427,12 @@ class FaultProxy:
     ) -> web.StreamResponse:
         if fault is not None and fault.kind == "hang":
             await self._wait_release(fault)
+        if fault is not None and fault.kind == "slow":
+            await asyncio.sleep(fault.delay)
+        if fault is not None and fault.kind == "redirect":
+            passed.status = 307
+            hop = int(request.query.get("hop", "0")) + 1
+            return web.Response(status=307, headers={"Location": f"{request.path}?hop={hop}"})
         if fault is not None and fault.kind in ("status", "429"):
             status = 429 if fault.kind == "429" else fault.status
             code = "TOOMANYREQUESTS" if status == 429 else "UNAVAILABLE"
