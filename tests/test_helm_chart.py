@@ -688,6 +688,14 @@ def test_schema_refuses(values: dict[str, Any], complaint: str) -> None:
             "password_env DOCKERHUB_TOKEN is not provided",
         ),
         ({"config": {"auth": {"mode": "token"}}}, "needs a signing key"),
+        (
+            {
+                "config": {"auth": {"mode": "token"}},
+                "auth": {"signingKey": {"existingSecret": "gate-key"}},
+                "metrics": {"serviceMonitor": {"enabled": True}},
+            },
+            "set metrics.separatePort: true",
+        ),
         ({"tls": {"enabled": True}}, "tls.enabled needs tls.secretName"),
         ({"persistence": {"existingClaim": "cache"}}, "existingClaim is for workload.kind"),
         (

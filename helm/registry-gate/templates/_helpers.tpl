@@ -132,6 +132,9 @@ mistakes that would otherwise only show as a crash-looping pod.
 {{- end }}
 {{- $_ = set $auth "htpasswd" (printf "%s/%s" $configDir (include "registry-gate.htpasswdPath" .)) }}
 {{- end }}
+{{- if and (eq (toString (get $auth "mode")) "token") .Values.metrics.serviceMonitor.enabled (not .Values.metrics.separatePort) }}
+{{- fail "config.auth.mode token answers /metrics on the main port only to operators: set metrics.separatePort: true for the ServiceMonitor" }}
+{{- end }}
 {{- if and (eq (toString (get $auth "mode")) "token") (not (get $auth "signing_key")) (not (get $auth "trusted_issuers")) }}
 {{- fail "config.auth.mode token needs a signing key: set auth.signingKey.existingSecret (or config.auth.trusted_issuers)" }}
 {{- end }}
