@@ -481,6 +481,11 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"upstream {self.name} is unreachable") from exc
         if response.status >= 500:
             attempt.failure()
+        elif response.status == 401:
+            # A challenge is half an exchange: the token fetch that follows decides, so a
+            # registry that answers while its token service is down still opens the
+            # circuit (a 401 counted as success would reset the count every time).
+            attempt.release()
         else:
             attempt.success()
         self._observe(method, response.status, started)

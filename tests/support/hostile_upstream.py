@@ -209,7 +209,10 @@ class HostileUpstream:
         return self.realm or f"{self.token.url}/token"
 
     async def _registry(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        # Pointing its realm away from its token service, it refuses every token (as a
+        # hostile upstream would, to make clients follow the new challenge).
+        own_realm = f":{self.token.port}/" in self.realm_url
+        if not own_realm or request.headers.get("Authorization") != f"Bearer {TOKEN}":
             challenge = f'Bearer realm="{self.realm_url}",service="hostile"'
             body = json.dumps({"errors": [{"code": "UNAUTHORIZED", "message": "log in"}]})
             return web.Response(
