@@ -5,6 +5,13 @@ from the realm with the needed scope and the upstream's credentials, cache it un
 shortly before expiry), answers Basic challenges, follows blob redirects only to hosts
 the upstream may send the gate to (without its `Authorization`), and is the only place
 that maps upstream statuses and failures onto the gate's OCI errors (`map_failure`).
+
+Credentials go to two places only: `Authorization` to the upstream's own host and port,
+and the Basic password to a realm `EgressPolicy.check_realm` approved. Only issued
+tokens are remembered; a failed dance forgets the challenge, so the next request asks
+the upstream again. Every request, its token fetch included, runs inside one circuit
+breaker attempt, which settles however it ends. Client-facing messages name the
+upstream's registry name; hosts and URLs go to the log.
 """
 
 from __future__ import annotations
