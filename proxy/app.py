@@ -52,7 +52,11 @@ def build_services(settings: Settings) -> Services:
         u.registry: UpstreamClient(
             u,
             metrics,
-            breaker=CircuitBreaker(on_change=partial(metrics.set_circuit_state, u.registry)),
+            breaker=CircuitBreaker(
+                u.circuit.failures,
+                u.circuit.cooldown,
+                on_change=partial(metrics.set_circuit_state, u.registry),
+            ),
         )
         for u in settings.upstreams
     }

@@ -1,11 +1,21 @@
 """Where the gate may connect on an upstream's say-so: token realms and blob redirects.
 
-An upstream can send the gate to another host (the realm of its Bearer challenge, a blob
-redirect to a CDN or object store). A compromised upstream must not turn the gate into a
-way into the internal network or a way to leak its credentials, so a target is allowed
-only when it is the upstream's own host, inside its registrable domain, or listed for it
-(with defaults for the well-known registries); and it must not be a loopback, link-local
-or private address unless the upstream itself lives on such an address.
+An upstream can send the gate to another host: the realm of its Bearer challenge, or a
+blob redirect to a CDN or object store. These are two lists with two purposes:
+
+- a **token realm** receives the upstream's credentials (the Basic password), so it must
+  be the upstream's own host, its registrable domain itself, a known token service of
+  that registry (`auth.docker.io` for docker.io) or a host the operator listed in
+  `allowed_realm_hosts`. Never a CDN or object-store host: anybody can create one of
+  those (a bucket on `*.s3.amazonaws.com`, a `*.cloudfront.net` distribution).
+- a **blob redirect** target receives no credentials at all (the upstream client strips
+  `Authorization` off every hop to another host), so it may also be inside the
+  upstream's registrable domain, on the built-in CDN hosts of a well-known registry or in
+  `allowed_redirect_hosts`.
+
+For both, a target must not be a loopback, link-local or private address unless the
+upstream itself lives on such an address, and never an https -> http downgrade. Refusals
+carry the host in their message, for the log; the client is told less (upstream.py).
 """
 
 from __future__ import annotations
@@ -14,12 +24,12 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
-# Hosts the well-known registries send clients to (token service, CDNs, object stores).
-WELL_KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
+# Hosts the well-known registries redirect blob downloads to (CDNs, object stores). They
+# never see credentials: anyone can create a host under most of these names.
+WELL_KNOWN_REDIRECTS: dict[str, tuple[str, ...]] = {
     "docker.io": (
-        "auth.docker.io",
         "*.docker.io",
         "*.docker.com",
         "*.cloudflare.docker.com",
@@ -30,6 +40,14 @@ WELL_KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
     "ghcr.io": ("*.githubusercontent.com", "*.github.com", "ghcr.io"),
     "gcr.io": ("*.googleapis.com", "*.gcr.io"),
     "registry.k8s.io": ("*.pkg.dev", "*.googleapis.com", "*.k8s.io"),
+}
+# The token services of the well-known registries (exact hosts, https only): where their
+# Bearer challenges send clients with the registry's credentials.
+WELL_KNOWN_REALMS: dict[str, tuple[str, ...]] = {
+    "docker.io": ("auth.docker.io",),
+    "quay.io": ("quay.io",),
+    "ghcr.io": ("ghcr.io",),
+    "gcr.io": ("gcr.io",),
 }
 
 
@@ -79,13 +97,22 @@ def host_matches(host: str, pattern: str) -> bool:
 
 
 class EgressPolicy:
-    """Decides which hosts one upstream may send the gate to."""
+    """Decides which hosts one upstream may send the gate to, per purpose."""
 
-    def __init__(self, registry: str, upstream_url: str, allowed: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        registry: str,
+        upstream_url: str,
+        *,
+        redirect_hosts: Iterable[str] = (),
+        realm_hosts: Iterable[str] = (),
+    ) -> None:
         parts = urlsplit(upstream_url)
         self.upstream_host = (parts.hostname or "").lower()
         self.upstream_scheme = parts.scheme
-        self.allowed = tuple(allowed) + WELL_KNOWN_TARGETS.get(registry, ())
+        self.redirect_hosts = tuple(redirect_hosts) + WELL_KNOWN_REDIRECTS.get(registry, ())
+        self.realm_hosts = tuple(realm_hosts)
+        self.known_realms = WELL_KNOWN_REALMS.get(registry, ())
         upstream_ip = _parse_ip(self.upstream_host)
         # An upstream configured on an internal address (a registry on loopback) may send
         # the gate to internal addresses; a public one may not.
@@ -93,19 +120,54 @@ class EgressPolicy:
             upstream_ip is not None and _is_internal(upstream_ip)
         )
 
-    def _name_allowed(self, host: str) -> bool:
+    def _realm_allowed(self, host: str, scheme: str) -> bool:
         if host == self.upstream_host:
             return True
-        if any(host_matches(host, pattern) for pattern in self.allowed):
+        if any(host_matches(host, pattern) for pattern in self.realm_hosts):
+            return True
+        # A known token service is a public https endpoint, never reached over http.
+        if host in self.known_realms:
+            return scheme == "https"
+        if _parse_ip(host) is not None or _parse_ip(self.upstream_host) is not None:
+            return False
+        # The registrable domain itself (registry.gitlab.com -> gitlab.com), not the hosts
+        # below it: without a public-suffix list those may belong to anyone (a tenant of
+        # a cloud domain), and with the last-two-labels rule the domain itself is either
+        # the upstream's own domain or a public suffix nobody can host.
+        return "." in self.upstream_host and host == _registrable_domain(self.upstream_host)
+
+    def _redirect_allowed(self, host: str) -> bool:
+        if host == self.upstream_host:
+            return True
+        if any(host_matches(host, pattern) for pattern in self.redirect_hosts):
             return True
         if _parse_ip(host) is not None or _parse_ip(self.upstream_host) is not None:
             return False
         domain = _registrable_domain(self.upstream_host)
         return host == domain or host.endswith("." + domain)
 
-    async def check(self, url: str) -> None:
-        """Raise EgressRefused unless the gate may connect to `url` for this upstream."""
+    async def check_realm(self, url: str) -> None:
+        """Raise EgressRefused unless `url` may receive this upstream's credentials."""
         parts = urlsplit(url)
+        host = self._check_url(parts)
+        if not self._realm_allowed(host, parts.scheme):
+            raise EgressRefused(
+                f"token realm host {host} is not allowed for upstream {self.upstream_host} "
+                "(list it in allowed_realm_hosts if it is the upstream's token service)"
+            )
+        await self._check_address(host, parts)
+
+    async def check_redirect(self, url: str) -> None:
+        """Raise EgressRefused unless the gate may follow a redirect to `url` (no credentials)."""
+        parts = urlsplit(url)
+        host = self._check_url(parts)
+        if not self._redirect_allowed(host):
+            raise EgressRefused(
+                f"redirect host {host} is not allowed for upstream {self.upstream_host}"
+            )
+        await self._check_address(host, parts)
+
+    def _check_url(self, parts: SplitResult) -> str:
         host = (parts.hostname or "").lower()
         if parts.scheme not in ("http", "https") or not host:
             raise EgressRefused(f"not an http(s) URL: {parts.scheme}://{host}")
@@ -114,11 +176,12 @@ class EgressPolicy:
         if parts.username or parts.password:
             raise EgressRefused(f"URL carries credentials ({host})")
         try:
-            port = parts.port or 443
+            parts.port  # noqa: B018 - parsing it is the check
         except ValueError as exc:
             raise EgressRefused(f"invalid port in URL ({host})") from exc
-        if not self._name_allowed(host):
-            raise EgressRefused(f"host {host} is not allowed for upstream {self.upstream_host}")
+        return host
+
+    async def _check_address(self, host: str, parts: SplitResult) -> None:
         if self.internal_ok:
             return
         literal = _parse_ip(host)
@@ -127,7 +190,7 @@ class EgressPolicy:
         elif host == "localhost":
             raise EgressRefused("refusing localhost for a non-local upstream")
         else:
-            addresses = await _resolve(host, port)
+            addresses = await _resolve(host, parts.port or 443)
         for address in addresses:
             if _is_internal(address):
                 raise EgressRefused(f"host {host} resolves to an internal address")

@@ -163,6 +163,14 @@ class Metrics:
             ["upstream"],
             registry=registry,
         )
+        self.upstream_token_failures = Counter(
+            "registry_gate_upstream_token_failures_total",
+            "Failed token fetches from an upstream's token service, by upstream registry and "
+            "reason (realm_refused, credentials_refused, error_status, unreachable, timeout, "
+            "invalid_response).",
+            ["upstream", "reason"],
+            registry=registry,
+        )
         self.digest_mismatches = Counter(
             "registry_gate_digest_mismatches_total",
             "Upstream content that did not hash to its digest (discarded, never cached).",
@@ -300,6 +308,10 @@ class Metrics:
         parsed = parse_ratelimit(remaining_header)
         if parsed is not None:
             self.upstream_ratelimit_remaining.labels(upstream).set(parsed.value)
+
+    def observe_token_failure(self, upstream: str, reason: str) -> None:
+        """Count one failed token fetch (`reason` is one of a fixed set, see upstream.py)."""
+        self.upstream_token_failures.labels(upstream, reason).inc()
 
     def set_circuit_state(self, upstream: str, state: CircuitState) -> None:
         """Publish an upstream's circuit breaker state."""

@@ -9,6 +9,7 @@ command line turns it into exit status 2. Environment variables override keys:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -86,6 +87,37 @@ class TimeoutSettings(_Strict):
     total_manifest: float = Field(default=60.0, gt=0)
 
 
+class CircuitSettings(_Strict):
+    """When an upstream's circuit breaker opens, and how long it stays open."""
+
+    failures: int = Field(default=5, ge=1, description="consecutive failures that open it")
+    cooldown: float = Field(default=10.0, ge=0, description="seconds open before one probe")
+
+
+# A host name, `*.suffix` or `a.*.b` pattern, or an IP literal: what egress.host_matches
+# compares against. No scheme, port, path or user: a list entry names a host, nothing else.
+_HOST_LABEL = r"(\*|[a-z0-9]([a-z0-9-]*[a-z0-9])?)"
+_HOST_PATTERN = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*")
+
+
+def _host_pattern(value: str) -> str:
+    host = value.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            pass
+    literal_labels = [label for label in host.split(".") if label != "*"]
+    if not _HOST_PATTERN.fullmatch(host) or not literal_labels or len(host) > 253:
+        raise ValueError(
+            f"{value!r} is not a host name, *.suffix pattern or IP address "
+            "(no scheme, port or path)"
+        )
+    return host
+
+
 class UpstreamSettings(_Strict):
     """One upstream registry of the closed upstream table."""
 
@@ -97,7 +129,16 @@ class UpstreamSettings(_Strict):
     ca_file: Path | None = None
     insecure: bool = False
     timeouts: TimeoutSettings = TimeoutSettings()
+    circuit: CircuitSettings = CircuitSettings()
+    # Blob-redirect targets (never sent credentials) and token realms (sent the upstream's
+    # credentials) are separate lists: see egress.py.
     allowed_redirect_hosts: list[str] = Field(default_factory=list)
+    allowed_realm_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_redirect_hosts", "allowed_realm_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return [_host_pattern(entry) for entry in value]
 
     @field_validator("registry")
     @classmethod

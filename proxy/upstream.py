@@ -5,6 +5,13 @@ from the realm with the needed scope and the upstream's credentials, cache it un
 shortly before expiry), answers Basic challenges, follows blob redirects only to hosts
 the upstream may send the gate to (without its `Authorization`), and is the only place
 that maps upstream statuses and failures onto the gate's OCI errors (`map_failure`).
+
+Credentials go to two places only: `Authorization` to the upstream's own host and port,
+and the Basic password to a realm `EgressPolicy.check_realm` approved. Only issued
+tokens are remembered; a failed dance forgets the challenge, so the next request asks
+the upstream again. Every request, its token fetch included, runs inside one circuit
+breaker attempt, which settles however it ends. Client-facing messages name the
+upstream's registry name; hosts and URLs go to the log.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -24,7 +32,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.challenge import Challenge, bearer_challenge, parse_challenges, repository_scope
-from proxy.circuit import CircuitBreaker
+from proxy.circuit import Attempt, CircuitBreaker, CircuitOpen
 from proxy.egress import EgressPolicy, EgressRefused
 from proxy.errors import (
     BlobUnknown,
@@ -43,6 +51,7 @@ Kind = Literal["manifest", "blob", "tags", "upload", "referrers", "ping"]
 MAX_TOKEN_RESPONSE = 1024 * 1024
 MAX_ERROR_BODY = 64 * 1024
 MAX_REDIRECTS = 10
+log = logging.getLogger(__name__)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # A token is refreshed this long before it expires, so no request carries a dying token.
 TOKEN_EXPIRY_MARGIN = 15.0
@@ -55,24 +64,24 @@ _NOT_FOUND: dict[Kind, type[RegistryError]] = {
     "referrers": NameUnknown,
     "ping": NameUnknown,
 }
-# Upstream OCI error codes passed through to the client on a 4xx (push validation etc.).
-_PASS_THROUGH_CODES = frozenset(
-    {
-        "BLOB_UNKNOWN",
-        "BLOB_UPLOAD_INVALID",
-        "BLOB_UPLOAD_UNKNOWN",
-        "DIGEST_INVALID",
-        "MANIFEST_BLOB_UNKNOWN",
-        "MANIFEST_INVALID",
-        "MANIFEST_UNKNOWN",
-        "NAME_INVALID",
-        "NAME_UNKNOWN",
-        "SIZE_INVALID",
-        "TAG_INVALID",
-        "UNSUPPORTED",
-        "RANGE_INVALID",
-    }
-)
+# Upstream OCI error codes passed through to the client on a 4xx (push validation etc.),
+# each with the spec's message: the upstream's own message and detail may name hosts,
+# paths or internals, so they go to the log, not to the client.
+_PASS_THROUGH_CODES: dict[str, str] = {
+    "BLOB_UNKNOWN": "blob unknown to registry",
+    "BLOB_UPLOAD_INVALID": "blob upload invalid",
+    "BLOB_UPLOAD_UNKNOWN": "blob upload unknown to registry",
+    "DIGEST_INVALID": "provided digest did not match uploaded content",
+    "MANIFEST_BLOB_UNKNOWN": "manifest references a manifest or blob unknown to registry",
+    "MANIFEST_INVALID": "manifest invalid",
+    "MANIFEST_UNKNOWN": "manifest unknown to registry",
+    "NAME_INVALID": "invalid repository name",
+    "NAME_UNKNOWN": "repository name not known to registry",
+    "SIZE_INVALID": "provided length did not match content length",
+    "TAG_INVALID": "manifest tag did not match URI",
+    "UNSUPPORTED": "the operation is unsupported",
+    "RANGE_INVALID": "invalid content range",
+}
 
 
 class UpstreamObserver(Protocol):
@@ -86,6 +95,9 @@ class UpstreamObserver(Protocol):
     def observe_ratelimit(self, upstream: str, remaining_header: str | None) -> None:
         """The upstream sent Docker Hub's `ratelimit-remaining` header."""
 
+    def observe_token_failure(self, upstream: str, reason: str) -> None:
+        """A token fetch from the upstream's token service failed (`reason` is bounded)."""
+
 
 class PassThroughError(RegistryError):
     """An upstream 4xx with a standard OCI code, relayed to the client as the upstream said."""
@@ -94,6 +106,26 @@ class PassThroughError(RegistryError):
         super().__init__(message, detail=detail)
         self.code = code
         self.status = status
+
+
+class TokenFailure(Exception):
+    """A token fetch failed: the client's error, a bounded reason for the metric, and what
+    it says about the upstream's health (True: it answered, False: it is failing, None:
+    nothing, e.g. a realm the gate refused to contact)."""
+
+    def __init__(self, reason: str, healthy: bool | None, error: RegistryError) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.healthy = healthy
+        self.error = error
+
+
+@dataclass(slots=True)
+class _ScopeLock:
+    """Serialises token fetches for one scope; `users` counts holders and waiters."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +156,10 @@ def map_failure(
         return PassThroughError("RANGE_INVALID", 416, f"upstream {upstream}: range invalid")
     if 400 <= status < 500:
         code, message = _oci_error(body)
-        if code in _PASS_THROUGH_CODES:
-            return PassThroughError(code, status, f"upstream {upstream}: {message}")
+        if code is not None and code in _PASS_THROUGH_CODES:
+            log.info("upstream %s answered %d %s: %.500s", upstream, status, code, message)
+            standard = _PASS_THROUGH_CODES[code]
+            return PassThroughError(code, status, f"upstream {upstream}: {standard}")
         return UpstreamUnavailable(f"upstream {upstream} answered {status}")
     if status == 504:
         return UpstreamTimeout(f"upstream {upstream} timed out (504)")
@@ -164,12 +198,17 @@ class UpstreamClient:
         self.settings = settings
         self.name = settings.registry
         self.base = URL(settings.url)
-        self.egress = EgressPolicy(settings.registry, settings.url, settings.allowed_redirect_hosts)
+        self.egress = EgressPolicy(
+            settings.registry,
+            settings.url,
+            redirect_hosts=settings.allowed_redirect_hosts,
+            realm_hosts=settings.allowed_realm_hosts,
+        )
         self._observer = observer
         self._user_agent = user_agent
         self._password = settings.password()
         self._tokens: TLRUCache[str, _Token] = TLRUCache(maxsize=4096, ttu=_token_ttu)
-        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._token_locks: dict[str, _ScopeLock] = {}
         self._challenge: Challenge | None = None
         self._session: aiohttp.ClientSession | None = None
         self.breaker = breaker or CircuitBreaker()
@@ -187,6 +226,9 @@ class UpstreamClient:
             ),
             auto_decompress=False,
             trust_env=False,
+            # No cookies: a cookie an upstream or a redirect target sets is a credential
+            # the gate would otherwise hand to whatever host its domain matches.
+            cookie_jar=aiohttp.DummyCookieJar(),
             # Larger socket reads for blob bodies (fewer, bigger chunks per fill).
             read_bufsize=1024 * 1024,
             headers={"User-Agent": self._user_agent},
@@ -214,6 +256,7 @@ class UpstreamClient:
     # --- the token dance -------------------------------------------------------------
 
     async def _authorization(self, scope: str | None, refresh: bool = False) -> str | None:
+        """The `Authorization` for a request to the upstream itself (never another host)."""
         challenge = self._challenge
         if challenge is None:
             return None
@@ -224,24 +267,50 @@ class UpstreamClient:
         cached = self._tokens.get(scope)
         if cached is not None and not refresh:
             return f"Bearer {cached.value}"
-        lock = self._token_locks.setdefault(scope, asyncio.Lock())
-        async with lock:
-            cached = self._tokens.get(scope)
-            if cached is not None and not refresh:
-                return f"Bearer {cached.value}"
-            token = await self._fetch_token(challenge, scope)
-            self._tokens[scope] = token
-            return f"Bearer {token.value}"
+        slot = self._token_locks.get(scope)
+        if slot is None:
+            slot = self._token_locks[scope] = _ScopeLock()
+        slot.users += 1
+        try:
+            async with slot.lock:
+                cached = self._tokens.get(scope)
+                if cached is not None and not refresh:
+                    return f"Bearer {cached.value}"
+                token = await self._fetch_token(challenge, scope)
+                self._tokens[scope] = token
+                return f"Bearer {token.value}"
+        except TokenFailure:
+            # Nothing of a failed dance outlives this request: the next one asks the
+            # upstream for its challenge again instead of reusing one that failed.
+            if self._challenge is challenge:
+                self._challenge = None
+            raise
+        finally:
+            # A lock per scope lives only while someone holds or waits for it, so client
+            # requests for ever new repository names do not grow this map.
+            slot.users -= 1
+            if slot.users == 0:
+                del self._token_locks[scope]
 
     async def _fetch_token(self, challenge: Challenge, scope: str) -> _Token:
         realm = challenge.realm
         if not realm:
-            raise UpstreamUnavailable(f"upstream {self.name} sent a Bearer challenge without realm")
+            raise TokenFailure(
+                "realm_refused",
+                None,
+                UpstreamUnavailable(f"upstream {self.name} sent a Bearer challenge without realm"),
+            )
         try:
-            await self.egress.check(realm)
+            await self.egress.check_realm(realm)
         except EgressRefused as exc:
-            raise UpstreamUnavailable(
-                f"upstream {self.name} sent a token realm the gate will not use", detail=str(exc)
+            # The host goes to the log only (as the cause): a client learns which
+            # upstream, not where it pointed.
+            raise TokenFailure(
+                "realm_refused",
+                None,
+                UpstreamUnavailable(
+                    f"upstream {self.name} sent a token realm the gate will not use"
+                ),
             ) from exc
         query: dict[str, str] = {"scope": scope}
         if "service" in challenge.params:
@@ -249,34 +318,52 @@ class UpstreamClient:
         headers = {"Accept": "application/json"}
         basic = self._basic()
         if basic is not None:
+            # Only ever to a realm check_realm approved for this upstream's credentials.
             headers["Authorization"] = basic
             query["account"] = self.settings.username or ""
         started = time.monotonic()
+        service = f"token service of upstream {self.name}"
         try:
             async with self.session.get(
                 realm, params=query, headers=headers, allow_redirects=False
             ) as response:
-                body = await _read_capped(response, MAX_TOKEN_RESPONSE)
                 self._observe("GET", response.status, started)
                 if response.status in (401, 403):
-                    raise Denied(f"token service of upstream {self.name} refused the credentials")
-                if response.status != 200:
-                    raise UpstreamUnavailable(
-                        f"token service of upstream {self.name} answered {response.status}"
+                    raise TokenFailure(
+                        "credentials_refused",
+                        True,
+                        Denied(f"{service} refused the credentials"),
                     )
+                if response.status != 200:
+                    raise TokenFailure(
+                        "error_status",
+                        response.status < 500,
+                        UpstreamUnavailable(f"{service} answered {response.status}"),
+                    )
+                body = await _read_capped(response, MAX_TOKEN_RESPONSE)
         except aiohttp.ClientError as exc:
             self._observe("GET", None, started)
-            raise UpstreamUnavailable(f"token service of upstream {self.name} failed") from exc
+            raise TokenFailure(
+                "unreachable", False, UpstreamUnavailable(f"{service} failed")
+            ) from exc
         except TimeoutError as exc:
             self._observe("GET", None, started)
-            raise UpstreamTimeout(f"token service of upstream {self.name} timed out") from exc
+            raise TokenFailure("timeout", False, UpstreamTimeout(f"{service} timed out")) from exc
+        except UpstreamTimeout as exc:
+            raise TokenFailure("timeout", False, UpstreamTimeout(f"{service} timed out")) from exc
+        except UpstreamUnavailable as exc:
+            raise TokenFailure(
+                "invalid_response", False, UpstreamUnavailable(f"{service} failed")
+            ) from exc
         try:
             document = json.loads(body)
             value = str(document.get("token") or document["access_token"])
             expires_in = max(60.0, float(document.get("expires_in", 60)))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UpstreamUnavailable(
-                f"token service of upstream {self.name} sent an invalid response"
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise TokenFailure(
+                "invalid_response",
+                False,
+                UpstreamUnavailable(f"{service} sent an invalid response"),
             ) from exc
         return _Token(value, time.monotonic() + expires_in - TOKEN_EXPIRY_MARGIN)
 
@@ -356,11 +443,34 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         outgoing: CIMultiDict[str] = CIMultiDict(headers or {})
         outgoing.setdefault("Accept-Encoding", "identity")
-        if not self.breaker.allow():
+        try:
+            with self.breaker.attempt() as attempt:
+                return await self._send_attempt(
+                    attempt, method, url, scope, outgoing, data, refresh=refresh
+                )
+        except CircuitOpen:
             raise UpstreamUnavailable(
                 f"upstream {self.name} is failing; requests are paused (circuit open)"
-            )
-        authorization = await self._authorization(scope, refresh=refresh)
+            ) from None
+
+    async def _send_attempt(
+        self,
+        attempt: Attempt,
+        method: str,
+        url: URL,
+        scope: str | None,
+        outgoing: CIMultiDict[str],
+        data: bytes | AsyncIterable[bytes] | None,
+        *,
+        refresh: bool,
+    ) -> aiohttp.ClientResponse:
+        """One request under the breaker: every outcome, the token dance's too, settles
+        `attempt` (an exception left unsettled counts as a failure)."""
+        try:
+            authorization = await self._authorization(scope, refresh=refresh)
+        except TokenFailure as failure:
+            self._token_failed(failure, attempt)
+            raise failure.error from failure.__cause__
         if authorization is not None:
             outgoing["Authorization"] = authorization
         started = time.monotonic()
@@ -369,20 +479,44 @@ class UpstreamClient:
                 method, url, headers=outgoing, data=data, allow_redirects=False
             )
         except TimeoutError as exc:
-            self.breaker.failure()
+            attempt.failure()
             self._observe(method, None, started)
             raise UpstreamTimeout(f"upstream {self.name} timed out") from exc
         except aiohttp.ClientError as exc:
-            self.breaker.failure()
+            attempt.failure()
             self._observe(method, None, started)
             raise UpstreamUnavailable(f"upstream {self.name} is unreachable") from exc
         if response.status >= 500:
-            self.breaker.failure()
+            attempt.failure()
+        elif response.status == 401:
+            # A challenge is half an exchange: the token fetch that follows decides, so a
+            # registry that answers while its token service is down still opens the
+            # circuit (a 401 counted as success would reset the count every time).
+            attempt.release()
         else:
-            self.breaker.success()
+            attempt.success()
         self._observe(method, response.status, started)
         self._note_ratelimit(response.headers)
         return response
+
+    def _token_failed(self, failure: TokenFailure, attempt: Attempt) -> None:
+        """Count a failed token fetch, and let it tell the breaker what it says."""
+        if failure.healthy is None:
+            attempt.release()
+        elif failure.healthy:
+            attempt.success()
+        else:
+            attempt.failure()
+        # The cause (a connection error naming the realm's host) goes to the log only.
+        log.warning(
+            "upstream %s: token fetch failed (%s): %s: %r",
+            self.name,
+            failure.reason,
+            failure.error.message,
+            failure.__cause__,
+        )
+        if self._observer is not None:
+            self._observer.observe_token_failure(self.name, failure.reason)
 
     async def _follow(
         self,
@@ -399,11 +533,11 @@ class UpstreamClient:
                 raise UpstreamUnavailable(f"upstream {self.name} redirected without Location")
             target = origin.join(URL(location))
             try:
-                await self.egress.check(str(target))
+                await self.egress.check_redirect(str(target))
             except EgressRefused as exc:
+                log.warning("upstream %s: redirect refused: %s", self.name, exc)
                 raise UpstreamUnavailable(
-                    f"upstream {self.name} redirected to a host the gate will not use",
-                    detail=str(exc),
+                    f"upstream {self.name} redirected to a host the gate will not use"
                 ) from exc
             outgoing: CIMultiDict[str] = CIMultiDict(headers or {})
             outgoing.setdefault("Accept-Encoding", "identity")

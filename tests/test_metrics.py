@@ -180,6 +180,18 @@ def test_a_malformed_ratelimit_header_leaves_the_gauge_alone() -> None:
     assert metrics.upstream_ratelimit_remaining.labels("docker.io")._value.get() == 10
 
 
+def test_token_failures_are_counted_by_upstream_and_reason() -> None:
+    metrics = Metrics(process_collectors=False)
+    metrics.observe_token_failure("quay.io", "realm_refused")
+    metrics.observe_token_failure("quay.io", "realm_refused")
+    metrics.observe_token_failure("docker.io", "timeout")
+    counter = metrics.upstream_token_failures
+    assert counter.labels("quay.io", "realm_refused")._value.get() == 2
+    assert counter.labels("docker.io", "timeout")._value.get() == 1
+    body, _ = metrics.render()
+    assert b"registry_gate_upstream_token_failures_total{" in body
+
+
 def test_openmetrics_is_served_when_asked_for() -> None:
     body, content_type = exercised().render("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text; version=1.0.0")

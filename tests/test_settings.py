@@ -140,6 +140,52 @@ def test_upstream_registry_names_are_normalised(tmp_path: Path) -> None:
     assert settings.upstreams[0].url == "https://registry-1.docker.io"
 
 
+def upstream_with(tmp_path: Path, **extra: Any) -> Any:
+    table = [{"registry": "quay.io", "url": "http://127.0.0.1:5000", **extra}]
+    return load(tmp_path, {"upstreams": table}).upstreams[0]
+
+
+def test_realm_and_redirect_host_lists_are_separate_and_normalised(tmp_path: Path) -> None:
+    upstream = upstream_with(
+        tmp_path,
+        allowed_redirect_hosts=["CDN.Example.net", "*.cdn.example.com", "127.0.0.2"],
+        allowed_realm_hosts=["Login.Example.net", "[::1]", "a.*.example.org"],
+    )
+    assert upstream.allowed_redirect_hosts == ["cdn.example.net", "*.cdn.example.com", "127.0.0.2"]
+    assert upstream.allowed_realm_hosts == ["login.example.net", "::1", "a.*.example.org"]
+    assert upstream_with(tmp_path).allowed_realm_hosts == []
+
+
+@pytest.mark.parametrize("key", ["allowed_redirect_hosts", "allowed_realm_hosts"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "https://auth.example.com",
+        "auth.example.com:443",
+        "auth.example.com/token",
+        "",
+        "*",
+        "*.*",
+        "a..b",
+        "user@auth.example.com",
+        "auth example.com",
+    ],
+)
+def test_host_list_entries_name_a_host_only(tmp_path: Path, key: str, entry: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        upstream_with(tmp_path, **{key: [entry]})
+
+
+def test_circuit_settings(tmp_path: Path) -> None:
+    assert upstream_with(tmp_path).circuit.failures == 5
+    assert upstream_with(tmp_path).circuit.cooldown == 10.0
+    upstream = upstream_with(tmp_path, circuit={"failures": 2, "cooldown": 0})
+    assert (upstream.circuit.failures, upstream.circuit.cooldown) == (2, 0)
+    for bad in ({"failures": 0}, {"cooldown": -1}, {"probe": 1}):
+        with pytest.raises(ConfigError, match="circuit"):
+            upstream_with(tmp_path, circuit=bad)
+
+
 def test_defaults(tmp_path: Path) -> None:
     settings = load(tmp_path, MINIMAL)
     assert settings.listen == "127.0.0.1:5000"
