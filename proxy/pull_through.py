@@ -369,7 +369,7 @@ class PullThrough:
         else:
             await client.raise_for_status(response, "referrers")
             try:
-                body = await read_capped(response, MAX_MANIFEST_SIZE)
+                body = await read_capped(response, MAX_MANIFEST_SIZE, client.name)
             finally:
                 response.release()
             try:

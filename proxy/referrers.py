@@ -125,7 +125,7 @@ class ReferrersFallback:
             return None
         await client.raise_for_status(response, "manifest")
         try:
-            body = await read_capped(response, MAX_MANIFEST_SIZE)
+            body = await read_capped(response, MAX_MANIFEST_SIZE, client.name)
         finally:
             response.release()
         try:

@@ -340,15 +340,16 @@ class UpstreamClient:
                         response.status < 500,
                         UpstreamUnavailable(f"{service} answered {response.status}"),
                     )
-                body = await _read_capped(response, MAX_TOKEN_RESPONSE)
+                body = await _read_capped(response, MAX_TOKEN_RESPONSE, self.name)
+        except TimeoutError as exc:
+            # Before ClientError: aiohttp's read timeouts are both.
+            self._observe("GET", None, started)
+            raise TokenFailure("timeout", False, UpstreamTimeout(f"{service} timed out")) from exc
         except aiohttp.ClientError as exc:
             self._observe("GET", None, started)
             raise TokenFailure(
                 "unreachable", False, UpstreamUnavailable(f"{service} failed")
             ) from exc
-        except TimeoutError as exc:
-            self._observe("GET", None, started)
-            raise TokenFailure("timeout", False, UpstreamTimeout(f"{service} timed out")) from exc
         except UpstreamTimeout as exc:
             raise TokenFailure("timeout", False, UpstreamTimeout(f"{service} timed out")) from exc
         except UpstreamUnavailable as exc:
@@ -603,7 +604,7 @@ class UpstreamClient:
         )
         await self.raise_for_status(response, kind)
         try:
-            return response.headers, await read_capped(response, limit)
+            return response.headers, await read_capped(response, limit, self.name)
         finally:
             response.release()
 
@@ -612,7 +613,7 @@ class UpstreamClient:
         if response.status < 400:
             return
         try:
-            body = await _read_capped(response, MAX_ERROR_BODY, truncate=True)
+            body = await _read_capped(response, MAX_ERROR_BODY, self.name, truncate=True)
         except RegistryError:
             body = b""
         finally:
@@ -621,9 +622,10 @@ class UpstreamClient:
 
 
 async def _read_capped(
-    response: aiohttp.ClientResponse, limit: int, *, truncate: bool = False
+    response: aiohttp.ClientResponse, limit: int, upstream: str, *, truncate: bool = False
 ) -> bytes:
-    """Read a body up to `limit` bytes; over the cap is an upstream failure (or cut)."""
+    """Read a body up to `limit` bytes; over the cap is an upstream failure (or cut).
+    Failures name the upstream by its registry name, never by its address."""
     chunks: list[bytes] = []
     total = 0
     try:
@@ -633,15 +635,17 @@ async def _read_capped(
                 if truncate:
                     chunks.append(chunk[: limit - (total - len(chunk))])
                     break
-                raise UpstreamUnavailable(f"upstream response exceeds {limit} bytes")
+                raise UpstreamUnavailable(f"upstream {upstream} sent more than {limit} bytes")
             chunks.append(chunk)
     except TimeoutError as exc:
-        raise UpstreamTimeout("upstream stalled while sending a body") from exc
+        raise UpstreamTimeout(f"upstream {upstream} stalled while sending a body") from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable("upstream connection failed while sending a body") from exc
+        raise UpstreamUnavailable(
+            f"upstream {upstream}: connection failed while sending a body"
+        ) from exc
     return b"".join(chunks)
 
 
-async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_capped(response: aiohttp.ClientResponse, limit: int, upstream: str) -> bytes:
     """Read a whole body, failing with 502 past `limit` bytes (manifests, JSON)."""
-    return await _read_capped(response, limit)
+    return await _read_capped(response, limit, upstream)
