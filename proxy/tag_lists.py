@@ -60,40 +60,53 @@ async def _read_list(
     path = f"/v2/{repository.path}/tags/list"
     query: list[tuple[str, str]] = []
     tags: set[str] = set()
+    body = bytearray()
+    listed: list[object] = []
     received = 0
     dropped = 0
-    for _page in range(limits.max_pages):
-        response = await client.request(
-            "GET", path, kind="tags", repository=repository.path, query=query
-        )
-        await client.raise_for_status(response, "tags")
-        try:
-            budget = limits.max_bytes - received
-            body = await _read_page(client, response, min(limits.max_page_bytes, budget))
-            if body is None:
-                if budget < limits.max_page_bytes:
-                    raise _too_large(client, f"{limits.max_bytes} bytes (tag_lists.max_bytes)")
-                raise _too_large(
-                    client, f"{limits.max_page_bytes} bytes a page (tag_lists.max_page_bytes)"
-                )
-            next_query = _next_query(client, response)
-        finally:
-            response.release()
-        received += len(body)
-        listed = _parse_page(client, body)
-        del body  # the page's bytes are not needed once parsed
-        for tag in listed:
-            if not _is_tag(tag):
-                dropped += 1
-                continue
-            tags.add(tag)
-            if len(tags) > limits.max_tags:
-                raise _too_large(client, f"{limits.max_tags} tags (tag_lists.max_tags)")
-        if next_query is None:
-            break
-        query = next_query
-    else:
-        raise _too_large(client, f"{limits.max_pages} pages (tag_lists.max_pages)")
+    try:
+        for _page in range(limits.max_pages):
+            response = await client.request(
+                "GET", path, kind="tags", repository=repository.path, query=query
+            )
+            await client.raise_for_status(response, "tags")
+            try:
+                budget = limits.max_bytes - received
+                page = await _read_page(client, response, min(limits.max_page_bytes, budget))
+                if page is None:
+                    if budget < limits.max_page_bytes:
+                        raise _too_large(client, f"{limits.max_bytes} bytes (tag_lists.max_bytes)")
+                    raise _too_large(
+                        client, f"{limits.max_page_bytes} bytes a page (tag_lists.max_page_bytes)"
+                    )
+                body = page
+                next_query = _next_query(client, response)
+            finally:
+                response.release()
+            received += len(body)
+            listed = _parse_page(client, body)
+            body.clear()  # the page's bytes are not needed once parsed
+            for tag in listed:
+                if not _is_tag(tag):
+                    dropped += 1
+                    continue
+                tags.add(tag)
+                if len(tags) > limits.max_tags:
+                    raise _too_large(client, f"{limits.max_tags} tags (tag_lists.max_tags)")
+            listed.clear()
+            if next_query is None:
+                break
+            query = next_query
+        else:
+            raise _too_large(client, f"{limits.max_pages} pages (tag_lists.max_pages)")
+    except BaseException:
+        # An error's traceback keeps this frame's locals alive as long as the error lives
+        # (until every waiter has answered, or until a garbage collection when a cycle
+        # holds it): it must not keep what was read, or failed lists add up in memory.
+        tags.clear()
+        listed.clear()
+        body.clear()
+        raise
     if dropped:
         log.warning(
             "upstream %s listed %d invalid tags for %s (left out)", client.name, dropped, repository
@@ -123,14 +136,23 @@ async def _read_page(
 
 
 def _parse_page(client: UpstreamClient, body: bytearray) -> list[object]:
+    """The page's `tags` (a missing or null list is empty)."""
+    invalid = f"upstream {client.name} sent an invalid tag list"
     try:
         document = json.loads(body)
-        listed = document.get("tags") or []
-        if not isinstance(listed, list):
-            raise TypeError("tags is not a list")
     # RecursionError: a deeply nested body (`[[[[...`) from a hostile upstream.
-    except (ValueError, AttributeError, TypeError, RecursionError) as exc:
-        raise UpstreamUnavailable(f"upstream {client.name} sent an invalid tag list") from exc
+    except (ValueError, RecursionError) as exc:
+        raise UpstreamUnavailable(invalid) from exc
+    if not isinstance(document, dict):
+        del document  # not kept alive by the error's traceback
+        raise UpstreamUnavailable(invalid)
+    listed = document.get("tags")
+    del document
+    if listed is None:
+        return []
+    if not isinstance(listed, list):
+        del listed
+        raise UpstreamUnavailable(invalid)
     return listed
 
 
