@@ -11,7 +11,8 @@ What is proved (issue 4, design §6, security.md 3, 4, 10, 14): a warm pull send
 upstream; concurrent cold misses make one upstream GET; ``Range`` on a miss is answered
 while the fill is still running; a client leaving does not abort the fill; bad bytes are
 never cached and every client of a bad fill sees its body end short; tag HEADs revalidate
-with one upstream HEAD; a dead upstream leaves cached images pullable (stale tags with a
+with one upstream HEAD, also under a stampede of 32 clients on an expired tag behind a
+slow upstream (issue 11, item 16); a dead upstream leaves cached images pullable (stale tags with a
 ``Warning``) and opens its circuit breaker; ``kill -9`` mid-fill leaves nothing
 unverified behind; the size cap holds (LRU); a blob cached for one repository is not
 served for another that lacks it upstream.
