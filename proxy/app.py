@@ -60,7 +60,12 @@ def build_services(settings: Settings) -> Services:
         )
         for u in settings.upstreams
     }
-    pull = PullThrough(clients, metrics=metrics)
+    pull = PullThrough(
+        clients,
+        metrics=metrics,
+        tag_lists=settings.tag_lists,
+        revalidate_grace=settings.storage.revalidate_grace,
+    )
     audit = AuditLog.from_settings(settings.audit, metrics=metrics)
     pins_path = settings.policy.pins_path
     pins = FilePinStore(pins_path) if pins_path else FilePinStore.under(settings.storage.path)
@@ -120,6 +125,8 @@ async def _upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
     for client in services.clients.values():
         await client.start()
     yield
+    # Coalesced upstream exchanges (background tag revalidations) use the clients.
+    await services.pull.close()
     for client in services.clients.values():
         await client.close()
 

@@ -213,6 +213,21 @@ class Metrics:
             ["source"],
             registry=registry,
         )
+        self.tag_revalidations = Counter(
+            "registry_gate_tag_revalidations_total",
+            "Upstream HEADs asking what a tag points at (one at a time per tag), by upstream "
+            "and outcome (new, unchanged, moved, failed).",
+            ["upstream", "outcome"],
+            registry=registry,
+        )
+        self.tag_revalidation_followers = Counter(
+            "registry_gate_tag_revalidation_followers_total",
+            "Tag requests that found a revalidation of their tag under way, by upstream and "
+            "how they were answered (served_cached: within storage.revalidate_grace; "
+            "waited: joined the revalidation).",
+            ["upstream", "how"],
+            registry=registry,
+        )
         self.inflight_fills = Gauge(
             "registry_gate_inflight_fills",
             "Cache fills from upstream in progress (one per digest however many readers).",

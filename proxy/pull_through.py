@@ -3,12 +3,17 @@
 Owns how a pull is served once the repository is known and policy has allowed it:
 manifest negotiation and verification, blob streaming with `Range`, tag lists paged by
 the gate, referrers with a fallback for upstreams that lack the API.
+
+Small upstream exchanges are coalesced (`proxy.coalesce`): one revalidation per
+(upstream, repository, tag) at a time, one manifest GET per digest, one repository
+check per blob. While a tag's revalidation runs, other requests for it are served the
+cached answer if it expired less than `storage.revalidate_grace` seconds ago, and wait
+for that revalidation otherwise, so an expiring tag under load costs one upstream HEAD.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +26,7 @@ from multidict import CIMultiDict
 
 from proxy import referrers
 from proxy.cache import Cache
+from proxy.coalesce import Coalescer
 from proxy.errors import (
     ServiceUnavailable,
     TooManyRequests,
@@ -31,7 +37,9 @@ from proxy.manifest_cache import TagEntry
 from proxy.manifest_checks import MAX_MANIFEST_SIZE, ManifestInfo, digest_of, inspect_manifest
 from proxy.metrics import Metrics
 from proxy.references import Repository, is_digest, validate_digest
+from proxy.settings import TagListSettings
 from proxy.singleflight import StreamedBlob, UpstreamBlob
+from proxy.tag_lists import TagListFetcher
 from proxy.upstream import UpstreamClient, read_capped
 
 EMPTY_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -42,7 +50,6 @@ PROBE_ACCEPT = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 )
-MAX_TAG_PAGES = 100
 STREAM_CHUNK = 1024 * 1024
 
 
@@ -83,14 +90,32 @@ class PullThrough:
         clients: dict[str, UpstreamClient],
         cache: Cache | None = None,
         metrics: Metrics | None = None,
+        *,
+        tag_lists: TagListSettings | None = None,
+        revalidate_grace: float = 0.0,
     ) -> None:
         self.clients = clients
         self._cache = cache
         self.metrics = metrics
+        self.revalidate_grace = revalidate_grace
         self.fill_upstreams: dict[str, str] = {}
         self._inspected: LRUCache[str, ManifestInfo] = LRUCache(maxsize=4096)
-        self._held_checks: dict[tuple[Repository, str], asyncio.Task[None]] = {}
+        self._tag_lists = TagListFetcher(tag_lists or TagListSettings())
+        self._revalidations: Coalescer[tuple[Repository, str], ManifestResult] = Coalescer(
+            "tag revalidation"
+        )
+        self._manifest_fetches: Coalescer[
+            tuple[Repository, str, tuple[str, ...]], ManifestResult
+        ] = Coalescer("manifest fetch")
+        self._held_checks: Coalescer[tuple[Repository, str], None] = Coalescer("repository check")
         self.referrers_fallback = referrers.ReferrersFallback(clients)
+
+    async def close(self) -> None:
+        """Cancel the upstream exchanges still running for requests (shutdown): before
+        the upstream clients and the cache close under them."""
+        for flights in (self._revalidations, self._manifest_fetches, self._held_checks):
+            await flights.close()
+        await self._tag_lists.close()
 
     @property
     def cache(self) -> Cache:
@@ -168,11 +193,24 @@ class PullThrough:
             if cached is not None:
                 self._count("tag", True)
                 return cached if not head else ManifestResult(cached.info, None, "cache")
+        # One revalidation per tag at a time, whoever asks: the first request starts it,
+        # the others join it (a client that leaves does not cancel it for them).
+        revalidation, leader = self._revalidations.start(
+            (repository, tag), lambda: self._revalidate(repository, tag, accept, entry)
+        )
+        if not leader:
+            within_grace = self.cache.tag_ttl + self.revalidate_grace
+            if entry is not None and entry.fresh(now, within_grace):
+                # The answer being revalidated is still within the bound: no need to wait.
+                cached = await self._cached_manifest(repository, entry.digest, accept)
+                if cached is not None:
+                    self._count_follower(repository, "served_cached")
+                    self._count("tag", True)
+                    return cached if not head else ManifestResult(cached.info, None, "cache")
+            self._count_follower(repository, "waited")
         self._count("tag", False)
         try:
-            # HEAD first: it does not count against Docker Hub's pull limit, and a digest
-            # already cached needs no GET at all.
-            probe = await self._fetch_manifest(repository, tag, accept, head=True)
+            probe = await asyncio.shield(revalidation)
         except _STALE_OK_ERRORS as error:
             if entry is not None and entry.stale_ok(now, self.cache.stale_limit):
                 cached = await self._cached_manifest(repository, entry.digest, accept)
@@ -182,7 +220,6 @@ class PullThrough:
                     )
             raise
         digest = probe.info.digest
-        await self.cache.tags.put(repository, tag, TagEntry(digest, probe.info.media_type, now))
         cached = await self._cached_manifest(repository, digest, accept)
         if cached is not None:
             return cached if not head else ManifestResult(cached.info, None, "cache")
@@ -190,8 +227,49 @@ class PullThrough:
             return probe
         return await self._fetch_and_store(repository, digest, accept, head=head)
 
+    async def _revalidate(
+        self, repository: Repository, tag: str, accept: Sequence[str], previous: TagEntry | None
+    ) -> ManifestResult:
+        """Ask upstream what `tag` points at now and record it (the coalesced task)."""
+        asked_at = time.time()
+        try:
+            # HEAD: it does not count against Docker Hub's pull limit, and a digest
+            # already cached needs no GET at all.
+            probe = await self._fetch_manifest(repository, tag, accept, head=True)
+        except Exception:
+            self._count_revalidation(repository, "failed")
+            raise
+        info = probe.info
+        await self.cache.tags.put(repository, tag, TagEntry(info.digest, info.media_type, asked_at))
+        if previous is None:
+            self._count_revalidation(repository, "new")
+        else:
+            self._count_revalidation(
+                repository, "unchanged" if previous.digest == info.digest else "moved"
+            )
+        return probe
+
+    def _count_revalidation(self, repository: Repository, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.tag_revalidations.labels(repository.registry, outcome).inc()
+
+    def _count_follower(self, repository: Repository, how: str) -> None:
+        if self.metrics is not None:
+            self.metrics.tag_revalidation_followers.labels(repository.registry, how).inc()
+
     async def _fetch_and_store(
         self, repository: Repository, digest: str, accept: Sequence[str], *, head: bool = False
+    ) -> ManifestResult:
+        # Concurrent misses of one manifest (a tag that just moved, a cold pull) make one
+        # GET; the Accept lines are part of the key, as they may change the answer.
+        result = await self._manifest_fetches.run(
+            (repository, digest, tuple(accept)),
+            lambda: self._fetch_and_store_once(repository, digest, accept),
+        )
+        return ManifestResult(result.info, None if head else result.body)
+
+    async def _fetch_and_store_once(
+        self, repository: Repository, digest: str, accept: Sequence[str]
     ) -> ManifestResult:
         result = await self._fetch_manifest(repository, digest, accept, head=False)
         assert result.body is not None
@@ -199,7 +277,7 @@ class PullThrough:
         await self.cache.record(
             repository, (result.info.digest, *result.info.blobs, *result.info.children)
         )
-        return ManifestResult(result.info, None if head else result.body)
+        return result
 
     async def _fetch_manifest(
         self, repository: Repository, reference: str, accept: Sequence[str], *, head: bool
@@ -266,15 +344,10 @@ class PullThrough:
             return
         # Also when not cached yet: a fill started for another repository may be running,
         # and joining it must not skip this repository's own upstream check. Concurrent
-        # requests share one check (a cold burst makes one HEAD, as it makes one GET);
-        # shielded, so a client that leaves does not cancel it for the others.
-        key = (repository, digest)
-        check = self._held_checks.get(key)
-        if check is None:
-            check = asyncio.create_task(self._confirm_held(repository, digest))
-            self._held_checks[key] = check
-            check.add_done_callback(lambda _done: self._held_checks.pop(key, None))
-        await asyncio.shield(check)
+        # requests share one check (a cold burst makes one HEAD, as it makes one GET).
+        await self._held_checks.run(
+            (repository, digest), lambda: self._confirm_held(repository, digest)
+        )
 
     async def _confirm_held(self, repository: Repository, digest: str) -> None:
         response = await self._upstream_blob(repository, digest, "HEAD")
@@ -321,28 +394,9 @@ class PullThrough:
         return response
 
     async def tags(self, repository: Repository) -> list[str]:
-        """Every tag of a repository, following the upstream's own pages."""
-        client = self.client(repository)
-        path = f"/v2/{repository.path}/tags/list"
-        query: list[tuple[str, str]] = []
-        tags: list[str] = []
-        for _page in range(MAX_TAG_PAGES):
-            response_headers, body = await client.get_body(
-                path, kind="tags", repository=repository.path, limit=MAX_MANIFEST_SIZE, query=query
-            )
-            try:
-                document = json.loads(body)
-                tags.extend(str(tag) for tag in document.get("tags") or [])
-            except (ValueError, AttributeError, TypeError) as exc:
-                raise UpstreamUnavailable(
-                    f"upstream {client.name} sent an invalid tag list"
-                ) from exc
-            link = response_headers.get("Link", "")
-            next_query = _next_query(link)
-            if next_query is None:
-                break
-            query = next_query
-        return tags
+        """Every tag of a repository (sorted), following the upstream's own pages, within
+        the `tag_lists` bounds; concurrent requests share one fetch."""
+        return await self._tag_lists.tags(self.client(repository), repository)
 
     async def referrers(
         self, repository: Repository, digest: str, artifact_type: str | None
@@ -420,19 +474,6 @@ def _valid_digest(digest: str) -> bool:
     except Exception:
         return False
     return True
-
-
-def _next_query(link: str) -> list[tuple[str, str]] | None:
-    if 'rel="next"' not in link or "<" not in link:
-        return None
-    target = link[link.index("<") + 1 : link.index(">")]
-    _, _, query = target.partition("?")
-    pairs: list[tuple[str, str]] = []
-    for part in query.split("&"):
-        key, _, value = part.partition("=")
-        if key:
-            pairs.append((key, value))
-    return pairs or None
 
 
 async def _relay(response: aiohttp.ClientResponse, upstream: str) -> AsyncIterator[bytes]:

@@ -61,6 +61,7 @@ class _Strict(BaseModel):
 
 
 Size = Annotated[int, Field(ge=0)]
+PositiveSize = Annotated[int, Field(gt=0)]
 
 
 class StorageSettings(_Strict):
@@ -72,8 +73,30 @@ class StorageSettings(_Strict):
     stale_limit: float = Field(
         default=86400.0, ge=0, description="seconds a cached tag may be served stale"
     )
+    revalidate_grace: float = Field(
+        default=30.0,
+        ge=0,
+        description="seconds past tag_ttl a cached tag is still served while another "
+        "request revalidates it (0: wait for that revalidation)",
+    )
 
     @field_validator("max_size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int:
+        return parse_size(value)
+
+
+class TagListSettings(_Strict):
+    """Bounds on what the gate buffers for one upstream tag list (fetched whole, then
+    sorted and paged by the gate), and on how many it fetches at once."""
+
+    max_bytes: PositiveSize = 16 * 1024**2
+    max_tags: int = Field(default=100_000, ge=1)
+    max_page_bytes: PositiveSize = 4 * 1024**2
+    max_pages: int = Field(default=1000, ge=1)
+    max_concurrent: int = Field(default=4, ge=1)
+
+    @field_validator("max_bytes", "max_page_bytes", mode="before")
     @classmethod
     def _size(cls, value: object) -> int:
         return parse_size(value)
@@ -302,6 +325,7 @@ class Settings(_Strict):
     public_url: str | None = None
     tls: TlsSettings | None = None
     storage: StorageSettings = StorageSettings()
+    tag_lists: TagListSettings = TagListSettings()
     upstreams: list[UpstreamSettings] = Field(min_length=1)
     push_registry: str | None = None
     upload_secret: str | None = Field(

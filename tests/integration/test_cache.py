@@ -11,7 +11,8 @@ What is proved (issue 4, design §6, security.md 3, 4, 10, 14): a warm pull send
 upstream; concurrent cold misses make one upstream GET; ``Range`` on a miss is answered
 while the fill is still running; a client leaving does not abort the fill; bad bytes are
 never cached and every client of a bad fill sees its body end short; tag HEADs revalidate
-with one upstream HEAD; a dead upstream leaves cached images pullable (stale tags with a
+with one upstream HEAD, also under a stampede of 32 clients on an expired tag behind a
+slow upstream (issue 11, item 16); a dead upstream leaves cached images pullable (stale tags with a
 ``Warning``) and opens its circuit breaker; ``kill -9`` mid-fill leaves nothing
 unverified behind; the size cap holds (LRU); a blob cached for one repository is not
 served for another that lacks it upstream.
@@ -706,6 +707,108 @@ def test_manifest_head_by_tag_revalidates_with_one_upstream_head(
     assert reply.status == 200 and reply.body == moved.manifest
     assert origin_proxy.count("HEAD", "manifest") == 1
     assert origin_proxy.count("GET", "manifest") == 1, origin_proxy.summary()
+
+
+STAMPEDE_CLIENTS = 32
+
+
+def pull_decisions(gate: GateProcess) -> float:
+    return metric(gate, "registry_gate_policy_decisions_total", action="pull", decision="allow")
+
+
+def stampede(gate: GateProcess, proxy: FaultProxy, path: str) -> list[Reply]:
+    """``STAMPEDE_CLIENTS`` concurrent GETs of ``path`` while the upstream holds every
+    manifest HEAD; released once all of them have passed policy (and so, with no await
+    in between, joined or started the tag's revalidation)."""
+    decided = pull_decisions(gate)
+    proxy.set_fault("hang", kinds={"manifest"}, methods={"HEAD"}, timeout=60)
+    try:
+        with ThreadPoolExecutor(STAMPEDE_CLIENTS) as pool:
+            futures = [pool.submit(get, gate, path) for _ in range(STAMPEDE_CLIENTS)]
+            wait_for(
+                lambda: pull_decisions(gate) >= decided + STAMPEDE_CLIENTS,
+                f"{STAMPEDE_CLIENTS} pull decisions",
+                timeout=60,
+            )
+            proxy.release()
+            return [future.result() for future in futures]
+    finally:
+        proxy.clear_fault()
+
+
+@pytest.mark.parametrize("grace", [0, 30])
+def test_an_expired_tag_under_a_stampede_costs_one_upstream_head(
+    make_gate: GateMaker, origin_proxy: FaultProxy, origin_client: RegistryClient, grace: int
+) -> None:
+    """Issue 11 item 16: one revalidation per tag at a time, however many ask."""
+    ttl = 1.0
+    gate = make_gate({"tag_ttl": ttl, "revalidate_grace": grace}, read_timeout=60)
+    repo = unique_repo()
+    image = push_image(origin_client, repo, "v1", [os.urandom(4096)])
+    by_tag = manifest_path(ORIGIN, repo, "v1")
+    assert get(gate, by_tag).body == image.manifest
+    expected = image
+    if grace == 0:
+        # The tag moves while cached: the revalidation sees it, and the new manifest is
+        # fetched once for every waiter.
+        expected = push_image(origin_client, repo, "v1", [os.urandom(4096)])
+    time.sleep(ttl + 0.2)
+    origin_proxy.reset()
+
+    replies = stampede(gate, origin_proxy, by_tag)
+
+    heads = origin_proxy.count("HEAD", "manifest")
+    followers = {
+        how: metric(gate, "registry_gate_tag_revalidation_followers_total", how=how)
+        for how in ("served_cached", "waited")
+    }
+    print(
+        f"\n{STAMPEDE_CLIENTS} clients, grace {grace} s: upstream saw {origin_proxy.summary()}; "
+        f"followers {followers}"
+    )
+    for reply in replies:
+        assert reply.status == 200, reply
+        assert reply.body == expected.manifest
+    assert heads <= 2, origin_proxy.summary()
+    assert origin_proxy.count("GET", "manifest") == (1 if grace == 0 else 0)
+    moved = metric(gate, "registry_gate_tag_revalidations_total", outcome="moved")
+    assert moved == (1 if grace == 0 else 0)
+    # Within the grace every follower had the cached answer at once; without it they
+    # waited for the one revalidation.
+    waited = "waited" if grace == 0 else "served_cached"
+    assert followers[waited] >= STAMPEDE_CLIENTS - heads
+
+
+def test_a_revalidation_outlives_the_client_that_started_it(
+    make_gate: GateMaker, origin_proxy: FaultProxy, origin_client: RegistryClient
+) -> None:
+    ttl = 1.0
+    gate = make_gate({"tag_ttl": ttl, "revalidate_grace": 60}, read_timeout=60)
+    image = push_image(origin_client, unique_repo(), "v1", [os.urandom(4096)])
+    by_tag = manifest_path(ORIGIN, image.repo, "v1")
+    assert get(gate, by_tag).body == image.manifest
+    time.sleep(ttl + 0.2)
+    origin_proxy.reset()
+    with origin_proxy.fault("hang", kinds={"manifest"}, methods={"HEAD"}, timeout=60):
+        # The first client leads the revalidation and gives up waiting for it.
+        with pytest.raises(TimeoutError):
+            request(gate.url, "GET", by_tag, ACCEPT_LINES, timeout=1.0)
+        wait_for(lambda: origin_proxy.count("HEAD", "manifest") == 1, "the revalidation HEAD")
+        # The revalidation goes on without it: the next client is a follower, answered
+        # from the cache within the grace, and sends nothing upstream.
+        reply = get(gate, by_tag)
+        assert reply.status == 200 and reply.body == image.manifest, reply
+        assert origin_proxy.count("HEAD", "manifest") == 1, origin_proxy.summary()
+        followers = metric(
+            gate, "registry_gate_tag_revalidation_followers_total", how="served_cached"
+        )
+        assert followers == 1
+    # Released: the one revalidation completes and refreshes the tag.
+    wait_for(
+        lambda: metric(gate, "registry_gate_tag_revalidations_total", outcome="unchanged") == 1,
+        "the revalidation to complete",
+    )
+    assert origin_proxy.count("HEAD", "manifest") == 1, origin_proxy.summary()
 
 
 # -- upstream failures -----------------------------------------------------------------------
