@@ -142,6 +142,8 @@ class Gatekeeper:
         self, context: RequestContext, target: Target, reference: str | None, kind: str
     ) -> Access:
         """Resolve and decide a pull (manifest, blob, tag list, referrers)."""
+        # A decision that could not be recorded is refused before any work (fail_closed).
+        self.audit.check_available()
         snapshot = self.holder.current
         try:
             repository, resolution = await self._resolve_pull(snapshot, target, reference, kind)
@@ -175,6 +177,7 @@ class Gatekeeper:
         self, context: RequestContext, target: Target, action: str, reference: str | None
     ) -> Access:
         """Resolve and decide a push or delete (a short name goes to the push registry)."""
+        self.audit.check_available()
         snapshot = self.holder.current
         resolution = None
         if target.repository is not None:

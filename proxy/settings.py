@@ -203,6 +203,11 @@ class AuditSettings(_Strict):
 
     path: Path | None = None
     stdout: bool = False
+    on_failure: Literal["fail_closed", "fail_open"] = Field(
+        default="fail_closed",
+        description="while the audit log cannot be written: refuse requests (503) or serve "
+        "them and count the records not written",
+    )
 
 
 class TlsSettings(_Strict):
