@@ -294,8 +294,29 @@ class AuditUnavailable(ServiceUnavailable):
         )
 
 
+def _recovery(torn: bytes) -> dict[str, Any]:
+    """The fields of the record that accounts for the bytes of an interrupted write."""
+    recovery = AuditRecord(
+        event=Event.RECOVERY,
+        reason="a write was interrupted (crash, power loss or a full disk); "
+        "the bytes in `torn` precede this record",
+    ).to_dict()
+    recovery["torn"] = {"length": len(torn), "sha256": _sha256(torn)}
+    return recovery
+
+
+def _torn_prefix(torn: bytes) -> bytes:
+    """What terminates damaged bytes before the next line (a newline unless they end so)."""
+    return b"" if torn[-1:] == b"\n" else b"\n"
+
+
 class LineSink(Protocol):
-    """Where finished lines are mirrored (stdout, a test buffer): whole lines, in order."""
+    """Where finished lines go (stdout, a test buffer): whole lines, in order.
+
+    A sink may have `torn` (bytes): what a failed write left in the stream since the
+    last whole write; the log accounts for them with a recovery record when the sink is
+    the sink of record.
+    """
 
     def write(self, data: bytes) -> None:
         """Write one or more complete lines."""
@@ -313,21 +334,26 @@ class StreamSink:
 
     def __init__(self, stream: BinaryIO | IO[bytes]) -> None:
         self._stream = stream
+        self.torn = b""
 
     def write(self, data: bytes) -> None:
         """Write whole lines now, so a collector reading the pipe sees them at once."""
-        raw = getattr(self._stream, "raw", None)
-        if raw is None:
-            self._stream.write(data)
-            self._stream.flush()
-            return
-        self._stream.flush()  # anything buffered earlier goes first
-        view = memoryview(data)
-        while view:
-            written = raw.write(view)
-            if not written:
-                raise OSError("the stream accepted no bytes")
-            view = view[written:]
+        # Unbuffered (`raw`, or the stream itself under PYTHONUNBUFFERED): a short write
+        # is seen, and a failed one leaves nothing buffered to be written twice.
+        target = getattr(self._stream, "raw", self._stream)
+        if target is not self._stream:
+            self._stream.flush()  # anything buffered earlier goes first
+        done = 0
+        try:
+            while done < len(data):
+                written = target.write(data[done:])
+                if not written:
+                    raise OSError("the stream accepted no bytes")
+                done += written
+        except BaseException:
+            self.torn += data[:done]  # a full disk took part of the line
+            raise
+        self.torn = b""
 
     def close(self) -> None:
         """Flush what is buffered; stdout itself stays open."""
@@ -464,15 +490,7 @@ class _ChainedFile:
         lines: list[bytes] = []
         if self._torn is not None:
             torn = self._torn
-            recovery = AuditRecord(
-                event=Event.RECOVERY,
-                reason="a write was interrupted (crash or power loss); "
-                "the bytes in `torn` precede this record",
-            ).to_dict()
-            recovery["torn"] = {"length": len(torn), "sha256": _sha256(torn)}
-            line, head = self._append_line(
-                recovery, head, prefix=b"" if torn[-1:] == b"\n" else b"\n"
-            )
+            line, head = self._append_line(_recovery(torn), head, prefix=_torn_prefix(torn))
             self._torn = None
             lines.append(line)
         line, head = self._append_line(fields, head)
@@ -820,11 +838,18 @@ class AuditLog:
                 if self._file is not None:
                     lines, self._head = self._file.append(fields, self._head)
                 else:
+                    lines = []
+                    torn: bytes = getattr(primary, "torn", b"")
+                    if primary is not None and torn:
+                        line, head = _seal(_recovery(torn), self._head)
+                        primary.write(_torn_prefix(torn) + line)
+                        self._head = head
+                        lines.append(line)
                     line, head = _seal(fields, self._head)
                     if primary is not None:
                         primary.write(line)  # raises: the record stays first in the batch
                     self._head = head
-                    lines = [line]
+                    lines.append(line)
                 batch.popleft()
                 mirrored.extend(lines)
             if self._file is not None:
