@@ -70,6 +70,7 @@ class Event(StrEnum):
     DELETE = "delete"
     DENIAL = "denial"
     RESOLUTION = "resolution"
+    PIN_CREATED = "pin_created"
     STALE_SERVE = "stale_serve"
     RECOVERY = RECOVERY_EVENT
 
