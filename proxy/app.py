@@ -25,7 +25,7 @@ from proxy.login_limits import LoginLimiter
 from proxy.metrics import Metrics
 from proxy.middleware import auth_middleware, error_middleware
 from proxy.operator_routes import add_operator_routes
-from proxy.pins import FilePinStore
+from proxy.pins import FilePinStore, PinCreators
 from proxy.policy_holder import PolicyHolder, PolicySources
 from proxy.pull_through import PullThrough
 from proxy.push import Pusher
@@ -84,7 +84,14 @@ def build_services(settings: Settings) -> Services:
         metrics=metrics,
         audit=audit,
         holder=holder,
-        gatekeeper=Gatekeeper(holder, pull, metrics, audit, frozenset(clients)),
+        gatekeeper=Gatekeeper(
+            holder,
+            pull,
+            metrics,
+            audit,
+            frozenset(clients),
+            PinCreators(settings.policy.pin_creators),
+        ),
         authenticator=build_authenticator(settings) if settings.auth.mode == "token" else None,
     )
 

@@ -41,9 +41,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Literal, Protocol
 
 from proxy.durable_files import fsync_dir
+from proxy.errors import ServiceUnavailable
 from proxy.metrics import Metrics
 from proxy.principal import ANONYMOUS, Principal
 from proxy.settings import AuditSettings
@@ -69,6 +70,7 @@ class Event(StrEnum):
     DELETE = "delete"
     DENIAL = "denial"
     RESOLUTION = "resolution"
+    PIN_CREATED = "pin_created"
     STALE_SERVE = "stale_serve"
     LOGIN_FAILURE = "login_failure"
     RECOVERY = RECOVERY_EVENT
@@ -280,8 +282,43 @@ class AuditLogError(Exception):
     """The audit log cannot be opened or continued (the gate must not run without it)."""
 
 
+class AuditUnavailable(ServiceUnavailable):
+    """503: the audit log cannot be written and `audit.on_failure` is `fail_closed`.
+
+    The message is for clients: it names no path or error (those go to the log and
+    `/readyz`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the gate cannot write its audit log, so it refuses requests it could not "
+            "record; retry later"
+        )
+
+
+def _recovery(torn: bytes) -> dict[str, Any]:
+    """The fields of the record that accounts for the bytes of an interrupted write."""
+    recovery = AuditRecord(
+        event=Event.RECOVERY,
+        reason="a write was interrupted (crash, power loss or a full disk); "
+        "the bytes in `torn` precede this record",
+    ).to_dict()
+    recovery["torn"] = {"length": len(torn), "sha256": _sha256(torn)}
+    return recovery
+
+
+def _torn_prefix(torn: bytes) -> bytes:
+    """What terminates damaged bytes before the next line (a newline unless they end so)."""
+    return b"" if torn[-1:] == b"\n" else b"\n"
+
+
 class LineSink(Protocol):
-    """Where finished lines are mirrored (stdout, a test buffer): whole lines, in order."""
+    """Where finished lines go (stdout, a test buffer): whole lines, in order.
+
+    A sink may have `torn` (bytes): what a failed write left in the stream since the
+    last whole write; the log accounts for them with a recovery record when the sink is
+    the sink of record.
+    """
 
     def write(self, data: bytes) -> None:
         """Write one or more complete lines."""
@@ -291,15 +328,34 @@ class LineSink(Protocol):
 
 
 class StreamSink:
-    """A binary stream sink (stdout): best effort, the file is the sink of record."""
+    """A binary stream sink (stdout): a copy beside the file, or the sink of record without one.
+
+    Lines go to the unbuffered stream under a buffered one (`raw`), so a failed write
+    leaves nothing in a buffer to be written again after the retry (a duplicated line).
+    """
 
     def __init__(self, stream: BinaryIO | IO[bytes]) -> None:
         self._stream = stream
+        self.torn = b""
 
     def write(self, data: bytes) -> None:
-        """Write whole lines and flush, so a collector reading the pipe sees them now."""
-        self._stream.write(data)
-        self._stream.flush()
+        """Write whole lines now, so a collector reading the pipe sees them at once."""
+        # Unbuffered (`raw`, or the stream itself under PYTHONUNBUFFERED): a short write
+        # is seen, and a failed one leaves nothing buffered to be written twice.
+        target = getattr(self._stream, "raw", self._stream)
+        if target is not self._stream:
+            self._stream.flush()  # anything buffered earlier goes first
+        done = 0
+        try:
+            while done < len(data):
+                written = target.write(data[done:])
+                if not written:
+                    raise OSError("the stream accepted no bytes")
+                done += written
+        except BaseException:
+            self.torn += data[:done]  # a full disk took part of the line
+            raise
+        self.torn = b""
 
     def close(self) -> None:
         """Flush what is buffered; stdout itself stays open."""
@@ -436,15 +492,7 @@ class _ChainedFile:
         lines: list[bytes] = []
         if self._torn is not None:
             torn = self._torn
-            recovery = AuditRecord(
-                event=Event.RECOVERY,
-                reason="a write was interrupted (crash or power loss); "
-                "the bytes in `torn` precede this record",
-            ).to_dict()
-            recovery["torn"] = {"length": len(torn), "sha256": _sha256(torn)}
-            line, head = self._append_line(
-                recovery, head, prefix=b"" if torn[-1:] == b"\n" else b"\n"
-            )
+            line, head = self._append_line(_recovery(torn), head, prefix=_torn_prefix(torn))
             self._torn = None
             lines.append(line)
         line, head = self._append_line(fields, head)
@@ -491,14 +539,29 @@ class _ChainedFile:
             os.close(fd)
 
 
+OnFailure = Literal["fail_closed", "fail_open"]
+# Backoff between attempts at a failing batch; the retry is the probe that notices the
+# log works again, so the cap is also how long recovery may take to be noticed.
+_RETRY_FIRST, _RETRY_CAP = 0.05, 1.0
+
+
 class AuditLog:
-    """Writes audit records without blocking the event loop, and never drops one.
+    """Writes audit records without blocking the event loop, and never hangs a request.
 
     `write` puts a record on a bounded queue; a task hands batches to one dedicated thread,
-    which chains, writes and fsyncs them. When the queue is full `write` waits (the
-    request that is being audited waits, the event loop does not): losing audit records
-    silently under load would defeat the log, so the choice is backpressure. A failing file
-    (disk full) is retried with backoff until it works again or the log is closed.
+    which chains, writes and fsyncs them. A failing batch (disk full, EIO, permissions) is
+    retried with backoff, and every record queued before the failure stays queued: the
+    retry is the probe, and the log is healthy again as soon as one succeeds.
+
+    While the log is unhealthy (`problem`: the last write failed, a write has not
+    finished for `stall_after` seconds, or the queue stayed full for `queue_wait`
+    seconds), a new record is not queued. `on_failure` says what happens to it:
+    `fail_closed` raises `AuditUnavailable` (503, and the gatekeeper refuses requests
+    before doing any work: see `check_available`), `fail_open` lets the request proceed.
+    Either way the record is never lost silently: it is logged (CRITICAL, with its
+    fields) and counted in `registry_gate_audit_dropped_total`. Closing waits at most
+    `drain_timeout` seconds (none when the log is failing), then logs and counts what
+    is left.
 
     Lifecycle (aiohttp `cleanup_ctx`): `async with AuditLog.from_settings(...) as audit:
     app[AUDIT] = audit; yield`; or call `start()` and `close()`.
@@ -513,7 +576,10 @@ class AuditLog:
         fsync: bool = True,
         queue_size: int = 4096,
         batch_size: int = 256,
-        drain_timeout: float = 30.0,
+        drain_timeout: float = 5.0,
+        on_failure: OnFailure = "fail_closed",
+        queue_wait: float = 2.0,
+        stall_after: float = 10.0,
         metrics: Metrics | None = None,
     ) -> None:
         self._file = (
@@ -523,6 +589,9 @@ class AuditLog:
         self._queue_size = queue_size
         self._batch_size = batch_size
         self._drain_timeout = drain_timeout
+        self._on_failure = on_failure
+        self._queue_wait = queue_wait
+        self._stall_after = stall_after
         self._metrics = metrics
         self._head = _Head()  # touched only by the writer thread
         self._queue: asyncio.Queue[AuditRecord] | None = None
@@ -530,6 +599,10 @@ class AuditLog:
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: str | None = None
+        # The batch being written (the writer thread removes records as they are written)
+        # and since when: a write that does not return is a failure too (a stalled pipe).
+        self._batch: deque[AuditRecord] = deque()
+        self._batch_since: float | None = None
 
     @classmethod
     def from_settings(
@@ -539,11 +612,11 @@ class AuditLog:
         metrics: Metrics | None = None,
         stdout: BinaryIO | IO[bytes] | None = None,
     ) -> AuditLog:
-        """The audit log configured by `audit:` in gate.yaml (`path`, `stdout`)."""
+        """The audit log configured by `audit:` in gate.yaml (`path`, `stdout`, `on_failure`)."""
         sinks: list[LineSink] = []
         if settings.stdout:
             sinks.append(StreamSink(stdout if stdout is not None else sys.stdout.buffer))
-        return cls(path=settings.path, sinks=sinks, metrics=metrics)
+        return cls(path=settings.path, sinks=sinks, on_failure=settings.on_failure, metrics=metrics)
 
     @property
     def enabled(self) -> bool:
@@ -551,9 +624,37 @@ class AuditLog:
         return self._file is not None or bool(self._sinks)
 
     @property
+    def on_failure(self) -> OnFailure:
+        """What a request gets while the log cannot be written (`audit.on_failure`)."""
+        return self._on_failure
+
+    @property
     def last_error(self) -> str | None:
-        """The error of the last failed write, None once writing works (for /readyz)."""
+        """The error of the last failed write, None once writing works."""
         return self._last_error
+
+    @property
+    def problem(self) -> str | None:
+        """Why the log cannot be written now (for /readyz), or None while it can."""
+        if self._last_error is not None:
+            return self._last_error
+        since = self._batch_since
+        if since is not None and time.monotonic() - since > self._stall_after:
+            return f"an audit write has not finished for {time.monotonic() - since:.0f} s"
+        return None
+
+    @property
+    def refusing(self) -> bool:
+        """Whether requests are refused now (`fail_closed` and the log cannot be written)."""
+        return self._on_failure == "fail_closed" and self.enabled and self.problem is not None
+
+    def check_available(self) -> None:
+        """Raise `AuditUnavailable` when a decision now could not be recorded (fail_closed).
+
+        Called before a request does any work, so a refused request costs nothing.
+        """
+        if self.refusing:
+            raise AuditUnavailable()
 
     @property
     def pending(self) -> int:
@@ -582,7 +683,11 @@ class AuditLog:
         self._pump = asyncio.create_task(self._run(), name="audit-writer")
 
     async def write(self, record: AuditRecord) -> None:
-        """Queue a record; waits only while the queue is full."""
+        """Queue a record; waits at most `queue_wait` seconds, and only while healthy.
+
+        Raises `AuditUnavailable` (fail_closed) when the record cannot be queued; with
+        fail_open the request goes on. Either way the record is logged and counted.
+        """
         if not self.enabled:
             return
         if self._closed or self._queue is None:
@@ -591,8 +696,39 @@ class AuditLog:
                 "audit record written while the audit log is not running",
                 extra={"audit": record.to_dict()},
             )
+            self._count_dropped("closed")
             return
-        await self._queue.put(record)
+        problem = self.problem
+        if problem is None:
+            try:
+                self._queue.put_nowait(record)
+                return
+            except asyncio.QueueFull:
+                pass
+            try:
+                # A healthy log that is behind (a burst): wait a little, never indefinitely.
+                await asyncio.wait_for(self._queue.put(record), self._queue_wait)
+                return
+            except TimeoutError:
+                problem = f"the audit queue stayed full for {self._queue_wait:g} s"
+        self._unrecorded(record, problem)
+
+    def _unrecorded(self, record: AuditRecord, problem: str) -> None:
+        """A record that cannot be queued: logged and counted; raises when fail_closed."""
+        logger.critical(
+            "audit record not written (%s; audit.on_failure: %s)",
+            problem,
+            self._on_failure,
+            extra={"audit": record.to_dict()},
+        )
+        refused = self._on_failure == "fail_closed"
+        self._count_dropped("refused" if refused else "failing")
+        if refused:
+            raise AuditUnavailable()
+
+    def _count_dropped(self, reason: str, count: int = 1) -> None:
+        if self._metrics is not None and count:
+            self._metrics.audit_dropped.labels(reason).inc(count)
 
     async def flush(self) -> None:
         """Wait until every record queued so far is written."""
@@ -600,27 +736,49 @@ class AuditLog:
             await self._queue.join()
 
     async def close(self) -> None:
-        """Drain the queue (up to `drain_timeout` seconds), stop the writer, close files."""
+        """Drain the queue (at most `drain_timeout` s, not at all while failing), then stop.
+
+        What is still unwritten then is logged (CRITICAL, each record with its fields)
+        and counted as dropped (`shutdown`): a shutdown never waits on a broken disk.
+        """
         if self._closed:
             return
         self._closed = True
-        if self._queue is not None:
-            try:
+        if self._queue is not None and self.problem is None:
+            # What is left after the deadline is reported below.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._queue.join(), self._drain_timeout)
-            except TimeoutError:
-                logger.critical(
-                    "audit log closed with records unwritten (at least %d): %s",
-                    self._queue.qsize(),
-                    self._last_error,
-                )
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
+        stuck = False
         if self._executor is not None:
-            # Queued behind any batch still running, so the file closes after it.
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sinks)
+            # Queued behind any batch still running, so the file closes after it; a writer
+            # stuck in a write (a pipe nobody reads) is not waited for.
+            closing = self._executor.submit(self._close_sinks)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(closing), self._drain_timeout)
+            except TimeoutError:
+                stuck = True
             self._executor.shutdown(wait=False)
+        self._report_unwritten(stuck)
+
+    def _report_unwritten(self, stuck: bool) -> None:
+        unwritten = list(self._batch)
+        self._batch = deque()
+        while self._queue is not None and not self._queue.empty():
+            unwritten.append(self._queue.get_nowait())
+        if not unwritten:
+            return
+        logger.critical(
+            "audit log closed with %d records unwritten (%s); each follows",
+            len(unwritten),
+            "the writer is stuck in a write" if stuck else self.problem or "drain timed out",
+        )
+        for record in unwritten:
+            logger.critical("unwritten audit record", extra={"audit": record.to_dict()})
+        self._count_dropped("shutdown", len(unwritten))
 
     async def __aenter__(self) -> AuditLog:
         await self.start()
@@ -642,15 +800,19 @@ class AuditLog:
             batch = deque([await queue.get()])
             while len(batch) < self._batch_size and not queue.empty():
                 batch.append(queue.get_nowait())
-            taken, delay = len(batch), 0.05
+            taken, delay = len(batch), _RETRY_FIRST
+            self._batch, self._batch_since = batch, time.monotonic()
             while batch:
                 try:
                     await loop.run_in_executor(self._executor, self._write_batch, batch)
+                    if self._last_error is not None:
+                        logger.warning("audit log writable again")
                     self._last_error = None
                 except Exception as exc:
                     self._note_failure(exc)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, _RETRY_CAP)
+            self._batch_since = None
             for _ in range(taken):
                 queue.task_done()
 
@@ -663,8 +825,13 @@ class AuditLog:
             self._metrics.audit_write_errors.inc()
 
     def _write_batch(self, batch: deque[AuditRecord]) -> None:
-        """Writer thread: chain and write records, removing each from `batch` once written."""
+        """Writer thread: chain and write records, removing each from `batch` once written.
+
+        Without a file the first sink is the sink of record: its failure fails the batch
+        (retried) like a file's would; the other sinks are best-effort copies.
+        """
         mirrored: list[bytes] = []
+        primary = None if self._file is not None or not self._sinks else self._sinks[0]
         try:
             if self._file is not None:
                 self._head = self._file.sync(self._head)
@@ -673,20 +840,32 @@ class AuditLog:
                 if self._file is not None:
                     lines, self._head = self._file.append(fields, self._head)
                 else:
-                    line, self._head = _seal(fields, self._head)
-                    lines = [line]
+                    lines = []
+                    torn: bytes = getattr(primary, "torn", b"")
+                    if primary is not None and torn:
+                        line, head = _seal(_recovery(torn), self._head)
+                        primary.write(_torn_prefix(torn) + line)
+                        self._head = head
+                        lines.append(line)
+                    line, head = _seal(fields, self._head)
+                    if primary is not None:
+                        primary.write(line)  # raises: the record stays first in the batch
+                    self._head = head
+                    lines.append(line)
                 batch.popleft()
                 mirrored.extend(lines)
             if self._file is not None:
                 self._file.commit()
         finally:
             if mirrored:
-                self._mirror(b"".join(mirrored))
+                self._mirror(b"".join(mirrored), skip=primary)
                 if self._metrics is not None:
                     self._metrics.audit_records.inc(len(mirrored))
 
-    def _mirror(self, data: bytes) -> None:
+    def _mirror(self, data: bytes, skip: LineSink | None) -> None:
         for sink in self._sinks:
+            if sink is skip:
+                continue
             try:
                 sink.write(data)
             except Exception as exc:

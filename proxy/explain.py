@@ -172,13 +172,25 @@ async def explain(
     elif len(candidates) == 1:
         chosen = candidates[0]
         if plan.pins_on_success:
-            notes.append(f"the first successful pull pins {name!r} to {chosen.repository}")
+            notes.append(
+                f"the first successful pull by a pin creator (policy.pin_creators) pins "
+                f"{name!r} to {chosen.repository}"
+            )
     else:
         reason = "undetermined"
-        pinning = ", and is pinned" if plan.pins_on_success else ""
+        pinning = (
+            ", and is pinned when a pin creator (policy.pin_creators) pulls"
+            if plan.pins_on_success
+            else ""
+        )
         notes.append(f"the first candidate in search order that has the reference wins{pinning}")
     if plan.reason == "pin" and plan.pin is not None:
-        notes.append(f"pinned on {plan.pin.created}; remove the pin to resolve it again")
+        by = plan.pin.created_by
+        who = "unknown" if by is None else (by.user or "anonymous")
+        notes.append(
+            f"pinned on {plan.pin.created or 'unknown'} by {who}; remove the pin to resolve "
+            "it again"
+        )
     return Explanation(
         principal=principal.describe(),
         action=action,
@@ -228,7 +240,10 @@ async def _probe(
             )
     chosen = next(c for c in candidates if c.repository == resolution.repository)
     if plan.pins_on_success:
-        notes.append(f"a pull now would pin {name!r} to {chosen.repository}")
+        notes.append(
+            f"a pull now by a pin creator (policy.pin_creators) would pin {name!r} to "
+            f"{chosen.repository}"
+        )
     return chosen, resolution.reason
 
 

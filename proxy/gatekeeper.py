@@ -15,9 +15,10 @@ from typing import Any
 from cachetools import TTLCache
 
 from proxy.addressing import Target
-from proxy.audit import AuditLog, AuditRecord
+from proxy.audit import AuditLog, AuditRecord, Event
 from proxy.errors import NameUnknown, RegistryError
 from proxy.metrics import Metrics
+from proxy.pins import Creator, PinCreators
 from proxy.policy import Decision
 from proxy.policy_holder import PolicyHolder, PolicySnapshot
 from proxy.principal import Principal
@@ -58,6 +59,7 @@ class Access:
                 "reason": self.resolution.reason,
                 "search_position": self.resolution.search_position,
                 "pinned": self.resolution.pinned,
+                "pin_created": self.resolution.pin_created,
                 "tried": [str(r) for r in self.resolution.tried],
             }
         if self.location != self.repository:
@@ -77,8 +79,10 @@ class Gatekeeper:
         metrics: Metrics,
         audit: AuditLog,
         registries: frozenset[str],
+        pin_creators: PinCreators | None = None,
     ) -> None:
         self.holder = holder
+        self.pin_creators = pin_creators or PinCreators()
         self.pull = pull
         self.metrics = metrics
         self.audit = audit
@@ -97,7 +101,12 @@ class Gatekeeper:
         return location
 
     async def _resolve_pull(
-        self, snapshot: PolicySnapshot, target: Target, reference: str | None, kind: str
+        self,
+        context: RequestContext,
+        snapshot: PolicySnapshot,
+        target: Target,
+        reference: str | None,
+        kind: str,
     ) -> tuple[Repository, Resolution | None]:
         if target.repository is not None:
             return target.repository, None
@@ -122,7 +131,15 @@ class Gatekeeper:
                 short, reference, blob_probe, record_pin=False
             )
         elif kind == "manifest" and reference is not None:
-            resolution = await snapshot.resolver.resolve(short, reference, self.pull.exists)
+            # A pin binds the name for everyone: only the principals policy.pin_creators
+            # names create one; the others resolve by the same order without persisting.
+            resolution = await snapshot.resolver.resolve(
+                short,
+                reference,
+                self.pull.exists,
+                record_pin=self.pin_creators.allows(context.principal),
+                creator=Creator.of(context.principal, context.client, context.request_id),
+            )
         else:
             # A tag list or referrers: the first search registry that has the repository.
 
@@ -135,6 +152,17 @@ class Gatekeeper:
         self.metrics.shortname_resolutions.labels(resolution.reason).inc()
         if resolution.pinned:
             await self.pull.cache.protect(resolution.repository)
+        if resolution.pin_created:
+            await self.record(
+                context,
+                event=Event.PIN_CREATED,
+                action="pull",
+                name=short,
+                resolved=str(resolution.repository),
+                upstream=resolution.repository.registry,
+                reason=f"short name {short!r} pinned to {resolution.repository}",
+                extra={"resolution": resolution.to_dict()},
+            )
         self._recent[short] = resolution.repository
         return resolution.repository, resolution
 
@@ -142,9 +170,13 @@ class Gatekeeper:
         self, context: RequestContext, target: Target, reference: str | None, kind: str
     ) -> Access:
         """Resolve and decide a pull (manifest, blob, tag list, referrers)."""
+        # A decision that could not be recorded is refused before any work (fail_closed).
+        self.audit.check_available()
         snapshot = self.holder.current
         try:
-            repository, resolution = await self._resolve_pull(snapshot, target, reference, kind)
+            repository, resolution = await self._resolve_pull(
+                context, snapshot, target, reference, kind
+            )
         except RegistryError as error:
             if error.status == 403:
                 self.metrics.shortname_resolutions.labels("denied").inc()
@@ -175,6 +207,7 @@ class Gatekeeper:
         self, context: RequestContext, target: Target, action: str, reference: str | None
     ) -> Access:
         """Resolve and decide a push or delete (a short name goes to the push registry)."""
+        self.audit.check_available()
         snapshot = self.holder.current
         resolution = None
         if target.repository is not None:
@@ -254,6 +287,7 @@ class Gatekeeper:
         status: int | None = None,
         size: int | None = None,
         reason: str | None = None,
+        upstream: str | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         """Write one audit record for a decision-bearing request."""
@@ -276,7 +310,7 @@ class Gatekeeper:
                 digest=digest,
                 decision=decision,
                 rule=rule,
-                upstream=access.location.registry if access is not None else None,
+                upstream=access.location.registry if access is not None else upstream,
                 status=status,
                 bytes=size,
                 reason=reason,

@@ -295,6 +295,12 @@ class Metrics:
             "Failed audit writes (retried for the file; a stream sink only loses its copy).",
             registry=registry,
         )
+        self.audit_dropped = Counter(
+            "registry_gate_audit_dropped_total",
+            "Audit records not written to the audit log (each is logged instead), by reason.",
+            ["reason"],
+            registry=registry,
+        )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one client request (`route` is the route template name, never a path)."""

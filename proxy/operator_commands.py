@@ -64,7 +64,8 @@ async def policy_explain(
 
 
 async def pins_list(settings: Settings) -> int:
-    """Print every pin: short name -> repository."""
+    """Print every pin, one JSON object a line: name, repository, created, created_by
+    (null: unknown, for pins written before creators were recorded)."""
     for pin in await pin_store(settings).list():
         print(json.dumps(pin.to_dict()))
     return EXIT_OK

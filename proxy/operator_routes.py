@@ -124,15 +124,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the audit log can be written (a gate that cannot audit must not serve)."""
-    services = request.app[SERVICES]
-    problems: dict[str, str] = {}
-    if services.audit.last_error is not None:
-        problems["audit"] = services.audit.last_error
-    status = 503 if problems else 200
-    return web.json_response(
-        {"status": "ready" if not problems else "unready", **problems}, status=status
-    )
+    """Readiness: 503 while the audit log cannot be written and the gate refuses requests
+    for it (`audit.on_failure: fail_closed`); with `fail_open` the problem is reported
+    and the gate stays ready, since it serves."""
+    audit = request.app[SERVICES].audit
+    problem = audit.problem if audit.enabled else None
+    if problem is None:
+        return web.json_response({"status": "ready"})
+    if audit.on_failure == "fail_open":
+        detail = f"{problem} (audit.on_failure fail_open: serving, records are not written)"
+        return web.json_response({"status": "degraded", "audit": detail})
+    return web.json_response({"status": "unready", "audit": problem}, status=503)
 
 
 def add_operator_routes(

@@ -2,7 +2,9 @@
 
 A pin records what a short name resolved to the first time (permissive mode, design §4),
 so the same short name keeps meaning the same repository across restarts and search-list
-changes until an operator removes the pin. `PinStore` is the interface the resolver
+changes until an operator removes the pin. Since a pin binds the name for everyone, only
+the principals `PinCreators` allows (`policy.pin_creators`) create pins, and each pin
+records who created it (`Creator`) and when. `PinStore` is the interface the resolver
 uses; `FilePinStore` persists pins as one JSON document under the storage path (written
 atomically: temporary file, fsync, rename, fsync of the directory) and notices edits
 made by another process (the operator command); a Redis store for several replicas will
@@ -23,7 +25,9 @@ from typing import Any, Protocol, TypeVar
 
 from proxy.durable_files import write_atomically
 from proxy.errors import RegistryError, ServiceUnavailable
+from proxy.principal import Principal
 from proxy.references import Repository, looks_like_registry, validate_name, validate_registry
+from proxy.settings import PinCreatorGroups, PinCreatorsSetting
 
 T = TypeVar("T")
 # A change to the pins: mutates the dict, returns (result, whether anything changed).
@@ -38,16 +42,96 @@ class PinStoreError(ServiceUnavailable):
 
 
 @dataclass(frozen=True, slots=True)
+class Creator:
+    """Who created a pin: the principal and the request (its id names the audit record)."""
+
+    user: str | None
+    groups: tuple[str, ...] = ()
+    client: str | None = None
+    request_id: str | None = None
+
+    @classmethod
+    def of(
+        cls, principal: Principal, client: str | None = None, request_id: str | None = None
+    ) -> Creator:
+        """The creator record of a principal's request."""
+        return cls(principal.user, tuple(sorted(principal.groups)), client, request_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (file format and listing); `user` null is the anonymous principal."""
+        return {
+            "user": self.user,
+            "groups": list(self.groups),
+            "client": self.client,
+            "request_id": self.request_id,
+        }
+
+    @classmethod
+    def from_dict(cls, entry: object) -> Creator:
+        """Parse the stored form (ValueError when it is not one)."""
+        if not isinstance(entry, dict):
+            raise ValueError("'created_by' must be an object")
+
+        def text(key: str) -> str | None:
+            value = entry.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"'created_by.{key}' must be a string or null")
+            return value
+
+        groups = entry.get("groups", [])
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise ValueError("'created_by.groups' must be a list of strings")
+        return cls(text("user"), tuple(groups), text("client"), text("request_id"))
+
+
+@dataclass(frozen=True, slots=True)
 class Pin:
-    """A short name bound to a fully-qualified repository, and when that happened."""
+    """A short name bound to a fully-qualified repository, when and by whom.
+
+    `created` and `created_by` are None for pins written before they were recorded
+    (unknown).
+    """
 
     name: str
     repository: Repository
-    created: str
+    created: str | None
+    created_by: Creator | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (file format, operator listing, explain)."""
-        return {"name": self.name, "repository": str(self.repository), "created": self.created}
+        """JSON form (operator listing, explain); null `created`/`created_by`: unknown."""
+        return {
+            "name": self.name,
+            "repository": str(self.repository),
+            "created": self.created,
+            "created_by": None if self.created_by is None else self.created_by.to_dict(),
+        }
+
+
+class PinCreators:
+    """Who may create a pin (`policy.pin_creators`); everyone else resolves without one."""
+
+    def __init__(self, setting: PinCreatorsSetting = "authenticated") -> None:
+        self.setting = setting
+
+    def allows(self, principal: Principal) -> bool:
+        """Whether a pull by `principal` may pin the short name it resolves."""
+        if isinstance(self.setting, PinCreatorGroups):
+            return not principal.anonymous and bool(principal.groups & set(self.setting.groups))
+        if self.setting == "anyone":
+            return True
+        if self.setting == "authenticated":
+            return not principal.anonymous
+        return False  # nobody
+
+    def describe(self) -> str:
+        """The setting in words, for explain and logs."""
+        if isinstance(self.setting, PinCreatorGroups):
+            return "members of " + ", ".join(self.setting.groups)
+        return {
+            "anyone": "anyone",
+            "authenticated": "authenticated principals",
+            "nobody": "nobody",
+        }[self.setting]
 
 
 class PinStore(Protocol):
@@ -57,12 +141,15 @@ class PinStore(Protocol):
         """The pin of a short name, if any."""
         ...
 
-    async def set(self, name: str, repository: Repository) -> Pin:
+    async def set(self, name: str, repository: Repository, creator: Creator | None = None) -> Pin:
         """Pin (or re-pin) a short name."""
         ...
 
-    async def setdefault(self, name: str, repository: Repository) -> Pin:
-        """Pin a short name unless it is pinned already; return the pin in force."""
+    async def setdefault(
+        self, name: str, repository: Repository, creator: Creator | None = None
+    ) -> tuple[Pin, bool]:
+        """Pin a short name unless it is pinned already; the pin in force, and whether
+        this call created it."""
         ...
 
     async def remove(self, name: str) -> bool:
@@ -103,16 +190,21 @@ class MemoryPinStore:
         """The pin of a short name, if any."""
         return self._pins.get(name)
 
-    async def set(self, name: str, repository: Repository) -> Pin:
+    async def set(self, name: str, repository: Repository, creator: Creator | None = None) -> Pin:
         """Pin (or re-pin) a short name."""
-        pin = Pin(_check_name(name), repository, _now())
+        pin = Pin(_check_name(name), repository, _now(), creator)
         self._pins[name] = pin
         return pin
 
-    async def setdefault(self, name: str, repository: Repository) -> Pin:
-        """Pin a short name unless it is pinned already; return the pin in force."""
+    async def setdefault(
+        self, name: str, repository: Repository, creator: Creator | None = None
+    ) -> tuple[Pin, bool]:
+        """Pin a short name unless it is pinned already; the pin in force, and whether
+        this call created it."""
         existing = self._pins.get(name)
-        return existing if existing is not None else await self.set(name, repository)
+        if existing is not None:
+            return existing, False
+        return await self.set(name, repository, creator), True
 
     async def remove(self, name: str) -> bool:
         """Remove a pin; whether there was one."""
@@ -135,10 +227,13 @@ def _decode(data: bytes, path: Path) -> dict[str, Pin]:
         for name, entry in entries.items():
             if not isinstance(entry, dict):
                 raise ValueError(f"pin {name!r} must be an object")
+            created = entry.get("created")  # absent in early files: unknown
+            creator = entry.get("created_by")
             pins[name] = Pin(
                 _check_name(name),
                 parse_repository(str(entry["repository"])),
-                str(entry.get("created", "")),
+                str(created) if created else None,
+                None if creator is None else Creator.from_dict(creator),
             )
         return pins
     except (ValueError, KeyError, RegistryError) as exc:
@@ -148,13 +243,19 @@ def _decode(data: bytes, path: Path) -> dict[str, Pin]:
         raise PinStoreError(f"pin store {path} is corrupt: {reason}") from exc
 
 
+def _entry(pin: Pin) -> dict[str, Any]:
+    entry: dict[str, Any] = {"repository": str(pin.repository)}
+    if pin.created is not None:
+        entry["created"] = pin.created
+    if pin.created_by is not None:
+        entry["created_by"] = pin.created_by.to_dict()
+    return entry
+
+
 def _encode(pins: dict[str, Pin]) -> bytes:
     document = {
         "version": FORMAT_VERSION,
-        "pins": {
-            name: {"repository": str(pin.repository), "created": pin.created}
-            for name, pin in sorted(pins.items())
-        },
+        "pins": {name: _entry(pin) for name, pin in sorted(pins.items())},
     }
     return (json.dumps(document, indent=2) + "\n").encode()
 
@@ -239,9 +340,9 @@ class FilePinStore:
         self._refresh()
         return self._pins.get(name)
 
-    async def set(self, name: str, repository: Repository) -> Pin:
+    async def set(self, name: str, repository: Repository, creator: Creator | None = None) -> Pin:
         """Pin (or re-pin) a short name."""
-        pin = Pin(_check_name(name), repository, _now())
+        pin = Pin(_check_name(name), repository, _now(), creator)
 
         def change(pins: dict[str, Pin]) -> tuple[Pin, bool]:
             pins[name] = pin
@@ -249,16 +350,19 @@ class FilePinStore:
 
         return await self._run(change)
 
-    async def setdefault(self, name: str, repository: Repository) -> Pin:
-        """Pin a short name unless it is pinned already; return the pin in force."""
-        pin = Pin(_check_name(name), repository, _now())
+    async def setdefault(
+        self, name: str, repository: Repository, creator: Creator | None = None
+    ) -> tuple[Pin, bool]:
+        """Pin a short name unless it is pinned already; the pin in force, and whether
+        this call created it."""
+        pin = Pin(_check_name(name), repository, _now(), creator)
 
-        def change(pins: dict[str, Pin]) -> tuple[Pin, bool]:
+        def change(pins: dict[str, Pin]) -> tuple[tuple[Pin, bool], bool]:
             existing = pins.get(name)
             if existing is not None:
-                return existing, False
+                return (existing, False), False
             pins[name] = pin
-            return pin, True
+            return (pin, True), True
 
         return await self._run(change)
 

@@ -9,7 +9,9 @@ request's `library/` already taken away by the caller):
 3. otherwise the candidates are `search[i]/N` in order (Docker Hub adds `library/` to a
    one-component name). `enforcing` refuses more than one candidate (DENIED, naming the
    candidates and how to alias); `disabled` and `permissive` ask the upstreams in order
-   and the first that has the reference wins; `permissive` then pins N to the winner.
+   and the first that has the reference wins; `permissive` then pins N to the winner,
+   when the caller allows it (only principals `policy.pin_creators` names create pins:
+   the others resolve by the same search order without persisting the outcome).
 
 The caller supplies the probe: True when the upstream has the reference, False on 404,
 and an exception for anything else, which fails the resolution instead of falling through
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from proxy.errors import Denied, ManifestUnknown, NameInvalid, NameUnknown, RegistryError
-from proxy.pins import Pin, PinStore
+from proxy.pins import Creator, Pin, PinStore
 from proxy.policy import ACTIONS, Policy
 from proxy.references import Repository, is_digest, looks_like_registry, validate_name
 from proxy.registries_conf import ShortNameMode
@@ -104,6 +106,7 @@ class Resolution:
     candidates: tuple[Repository, ...]
     tried: tuple[Repository, ...]
     pinned: bool
+    pin_created: bool = False  # this resolution created the pin (audited as pin_created)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for the audit record."""
@@ -118,6 +121,7 @@ class Resolution:
             "candidates": [str(c) for c in self.candidates],
             "tried": [str(t) for t in self.tried],
             "pinned": self.pinned,
+            "pin_created": self.pin_created,
         }
 
 
@@ -211,14 +215,21 @@ class ShortNameResolver:
         return ResolutionPlan(name, action, mode, "push_registry", (candidate,))
 
     async def resolve(
-        self, name: str, reference: str, probe: Probe, *, record_pin: bool = True
+        self,
+        name: str,
+        reference: str,
+        probe: Probe,
+        *,
+        record_pin: bool = True,
+        creator: Creator | None = None,
     ) -> Resolution:
         """Resolve a short name for a pull of `reference` (tag or digest).
 
         Raises Denied (enforcing mode, ambiguous), NameUnknown (nothing to search),
         ManifestUnknown (no candidate has it), or whatever the probe raised for the
         first candidate that failed. `record_pin=False` resolves without pinning
-        (explain with probing).
+        (explain with probing, a principal who may not create pins); `creator` is
+        recorded in a pin this call creates.
         """
         plan = await self.plan(name, "pull")
         if plan.refusal is not None:
@@ -260,8 +271,9 @@ class ShortNameResolver:
                 f"(tried {', '.join(_with_reference(t, reference) for t in tried)})",
                 detail={"name": name, "reference": reference, "tried": [str(t) for t in tried]},
             )
+        created = False
         if plan.pins_on_success and record_pin:
-            pin = await self.pins.setdefault(name, chosen.repository)
+            pin, created = await self.pins.setdefault(name, chosen.repository, creator)
             if pin.repository != chosen.repository:
                 # Another request pinned the name first: everyone follows the pin.
                 repository = pin.repository
@@ -288,6 +300,7 @@ class ShortNameResolver:
             every,
             tuple(tried),
             plan.pins_on_success and record_pin,
+            created,
         )
 
     async def resolve_write(self, name: str, action: str = "push") -> Resolution:

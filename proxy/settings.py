@@ -209,12 +209,23 @@ class UpstreamSettings(_Strict):
         return None
 
 
+class PinCreatorGroups(_Strict):
+    """`pin_creators: {groups: [...]}`: authenticated members of these groups pin."""
+
+    groups: list[str] = Field(min_length=1)
+
+
+# anyone | authenticated | nobody | {groups: [...]}: who may create short-name pins.
+PinCreatorsSetting = Literal["anyone", "authenticated", "nobody"] | PinCreatorGroups
+
+
 class PolicySettings(_Strict):
-    """Which policy files (and registries.conf) are in force."""
+    """Which policy files (and registries.conf) are in force, and who may create pins."""
 
     files: list[Path] = Field(default_factory=list)
     registries_conf: Path | None = None
     pins_path: Path | None = None
+    pin_creators: PinCreatorsSetting = "authenticated"
     watch: bool = True
 
 
@@ -302,6 +313,11 @@ class AuditSettings(_Strict):
 
     path: Path | None = None
     stdout: bool = False
+    on_failure: Literal["fail_closed", "fail_open"] = Field(
+        default="fail_closed",
+        description="while the audit log cannot be written: refuse requests (503) or serve "
+        "them and count the records not written",
+    )
 
 
 class TlsSettings(_Strict):

@@ -123,10 +123,15 @@ def gate(
 ) -> Iterator[GateProcess]:
     """One gate for read-only pull tests: docker.io -> hub, registry.corp.example -> corp,
     quay.io -> quay, private.example -> the token upstream (password from the
-    environment); policy ``search: [docker.io, registry.corp.example]``, ``default: allow``."""
+    environment); policy ``search: [docker.io, registry.corp.example]``, ``default: allow``;
+    ``policy.pin_creators: anyone`` (everyone is anonymous here)."""
     process = GateProcess(
         tmp_path_factory.mktemp("gate"),
-        {"upstreams": standard_upstreams(upstreams, token_upstream)},
+        {
+            "upstreams": standard_upstreams(upstreams, token_upstream),
+            # No authentication here, so every client is anonymous: let them pin.
+            "policy": {"pin_creators": "anyone"},
+        },
         policy=policy_document(GATE_SEARCH),
         env={PRIVATE_PASSWORD_ENV: TOKEN_PASSWORD},
         name="shared-gate",

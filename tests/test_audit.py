@@ -21,6 +21,7 @@ from proxy.audit import (
     AuditLog,
     AuditLogError,
     AuditRecord,
+    AuditUnavailable,
     Decision,
     Event,
     Problem,
@@ -609,3 +610,148 @@ async def test_a_record_after_close_is_logged_not_lost_silently(
     await log.write(record(7))
     assert "not running" in caplog.text
     assert caplog.records[-1].audit["request_id"] == "req-7"  # type: ignore[attr-defined]
+
+
+# --- when the log cannot be written: fail_closed / fail_open, never a hang ---------------
+
+
+class BrokenSink:
+    """A stream sink of record that fails (like a full disk) until `healthy` is set."""
+
+    def __init__(self) -> None:
+        self.healthy = threading.Event()
+        self.data = b""
+        self.attempts = 0
+
+    def write(self, data: bytes) -> None:
+        self.attempts += 1
+        if not self.healthy.is_set():
+            raise OSError(28, "No space left on device")
+        self.data += data
+
+    def close(self) -> None:
+        pass
+
+
+async def wait_until(condition: Any) -> None:
+    """Poll `condition` (state the writer thread changes) for up to 10 s."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in 10 s")
+
+
+def dropped(metrics: Metrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "registry_gate_audit_dropped_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_fail_closed_refuses_at_once_while_failing_and_recovers_by_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink, metrics = BrokenSink(), Metrics(process_collectors=False)
+    async with AuditLog(sinks=[sink], metrics=metrics) as log:
+        log.check_available()  # healthy: nothing to refuse yet
+        await log.write(record(0))  # queued: the failure is not known before a write
+        await wait_until(lambda: log.problem is not None)
+        assert log.refusing and "No space left" in (log.problem or "")
+        with pytest.raises(AuditUnavailable) as refused:
+            log.check_available()
+        assert refused.value.status == 503 and refused.value.code == "UNAVAILABLE"
+        assert "No space" not in refused.value.message  # the client is told no detail
+        with pytest.raises(AuditUnavailable):
+            await log.write(record(1))
+        assert dropped(metrics, "refused") == 1
+        assert any(getattr(r, "audit", {}).get("request_id") == "req-1" for r in caplog.records)
+        sink.healthy.set()  # space again: the retry of record 0 is the probe
+        await wait_until(lambda: log.problem is None)
+        log.check_available()
+        await write_records(log, 2, 1)
+    # Record 0, queued before the failure was known, was kept and written; 1 was refused.
+    assert [json.loads(line)["request_id"] for line in sink.data.splitlines()] == [
+        "req-0",
+        "req-2",
+    ]
+    assert verify_stream(sink.data, tmp_path).ok
+
+
+async def test_fail_open_serves_and_counts_what_it_could_not_write(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink, metrics = BrokenSink(), Metrics(process_collectors=False)
+    async with AuditLog(sinks=[sink], metrics=metrics, on_failure="fail_open") as log:
+        await log.write(record(0))
+        await wait_until(lambda: log.problem is not None)
+        assert not log.refusing
+        log.check_available()
+        for number in range(1, 4):
+            await log.write(record(number))  # no exception: the request proceeds
+        assert dropped(metrics, "failing") == 3
+        logged = {getattr(r, "audit", {}).get("request_id") for r in caplog.records}
+        assert {"req-1", "req-2", "req-3"} <= logged
+        sink.healthy.set()
+        await log.flush()
+    assert [json.loads(line)["request_id"] for line in sink.data.splitlines()] == ["req-0"]
+
+
+async def test_a_full_queue_of_a_stuck_writer_refuses_instead_of_hanging() -> None:
+    release = threading.Event()
+
+    class StuckSink:
+        def write(self, data: bytes) -> None:
+            release.wait(10)
+
+        def close(self) -> None:
+            pass
+
+    metrics = Metrics(process_collectors=False)
+    log = AuditLog(
+        sinks=[StuckSink()],
+        queue_size=1,
+        batch_size=1,
+        queue_wait=0.2,
+        stall_after=0.5,
+        drain_timeout=0.2,
+        metrics=metrics,
+    )
+    await log.start()
+    try:
+        await log.write(record(0))  # the writer takes it and never returns
+        await wait_until(lambda: log.pending == 0)
+        await log.write(record(1))  # fills the queue
+        with pytest.raises(AuditUnavailable):
+            await log.write(record(2))  # waits queue_wait at most, then refuses
+        await wait_until(lambda: log.problem is not None)  # the stall is a failure too
+        assert "has not finished" in (log.problem or "")
+        with pytest.raises(AuditUnavailable):
+            log.check_available()
+        # A shutdown does not wait for the stuck writer: it reports what is unwritten.
+        await asyncio.wait_for(log.close(), 5)
+        assert dropped(metrics, "shutdown") == 2  # record 0 (in the write) and record 1
+    finally:
+        release.set()
+
+
+async def test_closing_a_failing_log_does_not_wait_and_counts_the_queue(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink, metrics = BrokenSink(), Metrics(process_collectors=False)
+    log = AuditLog(sinks=[sink], metrics=metrics, drain_timeout=30)
+    await log.start()
+    for number in range(3):
+        await log.write(record(number))
+    await wait_until(lambda: log.problem is not None)
+    await asyncio.wait_for(log.close(), 5)  # not the 30 s drain: the disk is broken
+    assert dropped(metrics, "shutdown") == 3
+    logged = {getattr(r, "audit", {}).get("request_id") for r in caplog.records}
+    assert {"req-0", "req-1", "req-2"} <= logged
+
+
+def test_on_failure_is_validated() -> None:
+    assert AuditSettings().on_failure == "fail_closed"
+    assert AuditSettings(on_failure="fail_open").on_failure == "fail_open"
+    with pytest.raises(ValueError):
+        AuditSettings(on_failure="ignore")  # type: ignore[arg-type]

@@ -5,11 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from proxy.pins import FilePinStore, MemoryPinStore, PinStore, PinStoreError
+from proxy.pins import (
+    Creator,
+    FilePinStore,
+    MemoryPinStore,
+    PinCreators,
+    PinStore,
+    PinStoreError,
+)
+from proxy.principal import ANONYMOUS, Principal
 from proxy.references import Repository
+from proxy.settings import PinCreatorGroups
 
 UBUNTU_HUB = Repository.of("docker.io", "ubuntu")
 UBUNTU_CORP = Repository("registry.corp.example", "ubuntu")
@@ -39,9 +49,10 @@ async def test_get_set_remove_list(store: PinStore) -> None:
 
 
 async def test_setdefault_keeps_the_first_pin(store: PinStore) -> None:
-    first = await store.setdefault("ubuntu", UBUNTU_HUB)
-    second = await store.setdefault("ubuntu", UBUNTU_CORP)
+    first, created = await store.setdefault("ubuntu", UBUNTU_HUB)
+    second, again = await store.setdefault("ubuntu", UBUNTU_CORP)
     assert first == second and second.repository == UBUNTU_HUB
+    assert created and not again
     # set() is the operator's explicit re-pin.
     assert (await store.set("ubuntu", UBUNTU_CORP)).repository == UBUNTU_CORP
 
@@ -83,10 +94,10 @@ async def test_file_store_sees_another_process_edit(tmp_path: Path) -> None:
 async def test_concurrent_first_pins_agree(tmp_path: Path) -> None:
     path = tmp_path / "pins.json"
     a, b = FilePinStore(path), FilePinStore(path)
-    pins = await asyncio.gather(
+    (first, one), (second, other) = await asyncio.gather(
         *(store.setdefault("ubuntu", repo) for store, repo in [(a, UBUNTU_HUB), (b, UBUNTU_CORP)])
     )
-    assert pins[0].repository == pins[1].repository
+    assert first.repository == second.repository and one != other  # exactly one created it
 
 
 @pytest.mark.parametrize(
@@ -119,3 +130,70 @@ async def test_unwritable_directory(tmp_path: Path) -> None:
     store = FilePinStore(blocker / "pins.json")
     with pytest.raises(PinStoreError, match="cannot write pin store"):
         await store.set("ubuntu", UBUNTU_HUB)
+
+
+ALICE = Principal("alice", frozenset({"platform"}))
+BOB = Principal("bob")
+
+
+async def test_the_creator_is_stored_and_listed(tmp_path: Path) -> None:
+    path = tmp_path / "pins.json"
+    creator = Creator.of(ALICE, "10.0.0.7", "req-1")
+    await FilePinStore(path).setdefault("ubuntu", UBUNTU_HUB, creator)
+    (pin,) = await FilePinStore(path).list()
+    assert pin.created_by == creator and pin.created
+    assert pin.to_dict()["created_by"] == {
+        "user": "alice",
+        "groups": ["platform"],
+        "client": "10.0.0.7",
+        "request_id": "req-1",
+    }
+    entry = json.loads(path.read_text())["pins"]["ubuntu"]
+    assert entry["created_by"]["user"] == "alice"
+
+
+async def test_pins_written_before_creators_were_recorded_read_as_unknown(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pins.json"
+    path.write_text(
+        '{"version": 1, "pins": {"ubuntu": {"repository": "docker.io/library/ubuntu"}, '
+        '"alpine": {"repository": "docker.io/library/alpine", "created": "2024-05-01T12:00:00"}}}'
+    )
+    store = FilePinStore(path)
+    listed = {pin.name: pin.to_dict() for pin in await store.list()}
+    assert listed["ubuntu"]["created"] is None and listed["ubuntu"]["created_by"] is None
+    assert listed["alpine"]["created"] == "2024-05-01T12:00:00"
+    # A later write keeps them as they were (no invented creator).
+    await store.set("redis", Repository.of("docker.io", "redis"), Creator.of(BOB))
+    entries = json.loads(path.read_text())["pins"]
+    assert entries["ubuntu"] == {"repository": "docker.io/library/ubuntu"}
+
+
+def test_a_malformed_creator_is_a_corrupt_store(tmp_path: Path) -> None:
+    path = tmp_path / "pins.json"
+    path.write_text(
+        '{"version": 1, "pins": {"ubuntu": {"repository": "docker.io/library/ubuntu", '
+        '"created_by": {"user": 7}}}}'
+    )
+    with pytest.raises(PinStoreError, match=r"created_by\.user"):
+        FilePinStore(path)
+
+
+@pytest.mark.parametrize(
+    ("setting", "anonymous", "bob", "alice"),
+    [
+        ("authenticated", False, True, True),
+        ("anyone", True, True, True),
+        ("nobody", False, False, False),
+        (PinCreatorGroups(groups=["platform"]), False, False, True),
+    ],
+)
+def test_who_may_create_pins(setting: Any, anonymous: bool, bob: bool, alice: bool) -> None:
+    creators = PinCreators(setting)
+    assert [creators.allows(p) for p in (ANONYMOUS, BOB, ALICE)] == [anonymous, bob, alice]
+    assert creators.describe()
+
+
+def test_the_default_is_authenticated_principals() -> None:
+    assert not PinCreators().allows(ANONYMOUS) and PinCreators().allows(BOB)

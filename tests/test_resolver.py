@@ -14,8 +14,9 @@ from proxy.errors import (
     NameUnknown,
     UpstreamUnavailable,
 )
-from proxy.pins import FilePinStore, MemoryPinStore, PinStore
+from proxy.pins import Creator, FilePinStore, MemoryPinStore, PinStore
 from proxy.policy import Policy, parse_policies
+from proxy.principal import Principal
 from proxy.references import Repository
 from proxy.registries_conf import parse_registries_conf
 from proxy.resolver import ShortNameResolver
@@ -199,6 +200,27 @@ async def test_record_pin_false_leaves_pins_alone() -> None:
     result = await resolver(TWO, pins).resolve("ubuntu", "1", upstreams, record_pin=False)
     assert not result.pinned
     assert await pins.list() == []
+
+
+async def test_the_resolution_that_creates_a_pin_says_so_and_records_its_creator() -> None:
+    pins = MemoryPinStore()
+    upstreams = FakeUpstreams({"docker.io/library/ubuntu": {"1"}})
+    alice = Creator.of(Principal("alice"), "10.0.0.7", "req-1")
+    first = await resolver(TWO, pins).resolve("ubuntu", "1", upstreams, creator=alice)
+    assert first.pinned and first.pin_created and first.to_dict()["pin_created"]
+    (pin,) = await pins.list()
+    assert pin.created_by == alice and pin.created
+    again = await resolver(TWO, pins).resolve("ubuntu", "1", upstreams, creator=alice)
+    assert again.reason == "pin" and again.pinned and not again.pin_created
+
+
+async def test_a_principal_who_may_not_pin_resolves_by_the_same_order_without_a_pin() -> None:
+    pins = MemoryPinStore()
+    upstreams = FakeUpstreams({"docker.io/library/ubuntu": {"1"}})
+    anonymous = await resolver(TWO, pins).resolve("ubuntu", "1", upstreams, record_pin=False)
+    assert anonymous.repository == Repository("docker.io", "library/ubuntu")
+    assert anonymous.reason == "search" and anonymous.search_position == 1
+    assert not anonymous.pinned and not anonymous.pin_created and await pins.list() == []
 
 
 async def test_a_concurrent_pin_wins() -> None:

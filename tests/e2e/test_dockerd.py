@@ -301,7 +301,8 @@ def test_daemon_pulls_short_names_corp_first(
     ``registry.corp.example/alpine`` (absent) and then ``docker.io/library/alpine``. Corp's
     ``library/alpine`` is pulled by its full name through the gate (path prefix)."""
     gate = gate_factory(
-        {"upstreams": standard_upstreams(upstreams)},
+        # A Docker daemon pulls anonymously: let anyone pin on this auth-less gate.
+        {"upstreams": standard_upstreams(upstreams), "policy": {"pin_creators": "anyone"}},
         policy=policy_document(["registry.corp.example", "docker.io"]),
         name="corp-gate",
     )

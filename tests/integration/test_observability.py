@@ -50,7 +50,8 @@ def gate(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iter
     config = {
         "upstreams": standard_upstreams(upstreams),
         "push_registry": CORP,
-        "policy": {"files": [str(ENTERPRISE)]},
+        # No authentication: every client is anonymous, so let anyone pin.
+        "policy": {"files": [str(ENTERPRISE)], "pin_creators": "anyone"},
     }
     process = GateProcess(tmp_path_factory.mktemp("observed"), config, name="observed")
     with process:

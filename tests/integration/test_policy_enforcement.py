@@ -13,7 +13,11 @@ Gates (started together, in parallel, once per module):
 - ``mutable``: the policy as shipped; tests rewrite its copy and reload (file watch,
   SIGHUP), restart it, remove pins. Each test writes the policy it starts from.
 - ``corp_down``: registry.corp.example points at a closed port.
-- ``auth``: token auth with an htpasswd (bcrypt) and ``groups: {platform: [alice]}``.
+- ``auth``: token auth with an htpasswd (bcrypt) and ``groups: {platform: [alice]}``;
+  ``policy.pin_creators`` is the default (authenticated principals only).
+
+The gates without authentication set ``policy.pin_creators: anyone`` (every client is
+anonymous there, and the default would create no pin at all).
 
 Corp holds ``library/alpine``, not ``alpine``: the short name ``alpine`` means
 ``registry.corp.example/alpine`` there (absent, a 404 that falls through to Docker Hub),
@@ -87,11 +91,15 @@ def enterprise_gate(
     directory.mkdir(parents=True, exist_ok=True)
     policy = directory / POLICY_NAME
     policy.write_text(shipped_policy())
+    extra = dict(extra or {})
+    policy_section = {"files": [str(policy)], **extra.pop("policy", {})}
+    if "auth" not in extra:
+        policy_section["pin_creators"] = "anyone"
     config: dict[str, Any] = {
         "upstreams": upstream_table,
         "push_registry": CORP,
-        "policy": {"files": [str(policy)]},
-        **(extra or {}),
+        "policy": policy_section,
+        **extra,
     }
     return GateProcess(directory, config, name=name)
 
@@ -145,12 +153,7 @@ def gates(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Ite
             root / "enterprise",
             table,
             name="enterprise",
-            extra={
-                "policy": {
-                    "files": [str(root / "enterprise" / POLICY_NAME)],
-                    "registries_conf": str(conf),
-                }
-            },
+            extra={"policy": {"registries_conf": str(conf)}},
         ),
         mutable=enterprise_gate(root / "mutable", table, name="mutable"),
         corp_down=enterprise_gate(root / "corp-down", corp_down_table, name="corp-down"),
@@ -526,6 +529,53 @@ def test_quay_coreos_is_for_the_platform_group_only(gates: Gates, upstreams: Ups
     bob = [("Authorization", f"Bearer {token(gate, 'bob', hub_scope)}")]
     assert manifest(gate, "docker.io/library/alpine", "3.19", bob).status == 200
     assert_denied(manifest(gate, "docker.io/library/alpine", "latest", bob), "hub-official-images")
+
+
+def audit_records(gate: GateProcess, event: str, count: int) -> list[dict[str, Any]]:
+    """The gate's audit records of an event, once there are ``count`` (written by a thread)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = (gate.directory / "audit.jsonl").read_text().splitlines()
+        found = [r for r in map(json.loads, lines) if r["event"] == event]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_anonymous_pulls_do_not_pin_and_an_authenticated_pull_does(
+    gates: Gates, upstreams: Upstreams
+) -> None:
+    """``alpine`` exists only at the later search registry (corp has no ``alpine``): an
+    anonymous pull is served from Docker Hub by the search order, but does not bind the
+    name for everyone (squatting); bob's pull pins it, audited, and ``policy pins list``
+    names him and when."""
+    gate = gates.auth
+    scope = "repository:alpine:pull"
+    anonymous = [("Authorization", f"Bearer {token(gate, None, scope)}")]
+    for _ in range(2):
+        assert origin(gate, "alpine", "3.19", anonymous) == "hub"
+    assert "alpine" not in pinned_file(gate)
+    assert audit_records(gate, "pin_created", 0) == []
+
+    bob = [("Authorization", f"Bearer {token(gate, 'bob', scope)}")]
+    reply = manifest(gate, "alpine", "3.19", bob)
+    assert reply.status == 200 and reply.body == upstreams.hub["library/alpine:3.19"].raw
+    entry = pinned_file(gate)["alpine"]
+    assert entry["repository"] == "docker.io/library/alpine"
+    assert entry["created_by"]["user"] == "bob" and entry["created"]
+    (created,) = audit_records(gate, "pin_created", 1)
+    assert created["principal"]["user"] == "bob" and created["name"] == "alpine"
+    assert (created["resolved"], created["upstream"]) == ("docker.io/library/alpine", "docker.io")
+    assert created["request_id"] == entry["created_by"]["request_id"]
+    # Later pulls (anonymous ones too) follow the pin, and create no other.
+    assert manifest(gate, "alpine", "3.19", anonymous).status == 200
+    assert len(audit_records(gate, "pin_created", 2)) == 1
+
+    (listed,) = run_cli(["policy", "pins", "list", "--config", str(gate.config_path)])
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    pins = {d["name"]: d for d in map(json.loads, listed.stdout.splitlines())}
+    assert pins["alpine"]["created_by"]["user"] == "bob"
+    assert pins["alpine"]["created"] == entry["created"]
 
 
 # -- explain: why, before anyone pulls ------------------------------------------------------

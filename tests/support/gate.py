@@ -111,8 +111,12 @@ class GateProcess(LoopbackProcess):
         policy: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         name: str = "gate",
+        launcher: Sequence[str] = (),
     ) -> None:
         self.directory = directory
+        # A command prefix that execs the gate (e.g. ``unshare --mount ... sh -c`` to give
+        # it a small private file system); the process id stays the gate's.
+        self.launcher = list(launcher)
         self.name = name
         self.config_path = directory / "gate.yaml"
         self.policy_path = directory / "policy.yaml"
@@ -185,7 +189,15 @@ class GateProcess(LoopbackProcess):
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve", "--config", str(self.config_path)],
+                [
+                    *self.launcher,
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                ],
                 cwd=self.directory,
                 env=self._environment(),
                 stdin=subprocess.DEVNULL,
