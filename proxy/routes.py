@@ -14,8 +14,7 @@ from aiohttp import web
 from proxy.addressing import Target, V2Route, locate, parse_v2_path
 from proxy.errors import NameInvalid, NameUnknown, Unsupported
 from proxy.gatekeeper import RequestContext
-from proxy.middleware import API_VERSION_HEADER, request_id_of
-from proxy.principal import ANONYMOUS
+from proxy.middleware import API_VERSION_HEADER, request_context
 from proxy.pull_through import STREAM_CHUNK
 from proxy.push import ClientAddress, read_manifest_body
 from proxy.ranges import content_range, parse_range
@@ -70,12 +69,7 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
 
 
 def _context(request: web.Request) -> RequestContext:
-    return RequestContext(
-        request_id=request_id_of(request),
-        client=request.remote,
-        principal=request.get("principal", ANONYMOUS),
-        user_agent=request.headers.get("User-Agent"),
-    )
+    return request_context(request)
 
 
 async def _manifest(

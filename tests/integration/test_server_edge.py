@@ -1,0 +1,234 @@
+"""The gate's edge, through the real process: what every request gets before and around
+the handlers (issue 11: request ids, refused writes in the audit log, parser errors that
+must not echo credentials, body deadlines, draining on SIGTERM).
+
+The gates here front an upstream that does not listen: everything tested is decided at
+the edge, before (or instead of) anything reaching an upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.support.gate import GateProcess
+from tests.support.registries import free_port
+from tests.support.wire import Reply, request
+
+CORP = "registry.corp.example"
+# Nothing listens there: a request that reaches this upstream fails with 502.
+UPSTREAMS = [{"registry": CORP, "url": f"http://127.0.0.1:{free_port()}"}]
+ALLOW_ALL = {"search": [CORP], "default": "allow", "rules": []}
+USER, PASSWORD = "alice", "correct-horse-battery-staple"
+DIGEST = "sha256:" + "a" * 64
+
+
+def audit_records(gate: GateProcess) -> list[dict[str, Any]]:
+    path = Path(gate.config["audit"]["path"])
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_record(
+    gate: GateProcess, accept: Callable[[dict[str, Any]], bool], seconds: float = 10.0
+) -> dict[str, Any]:
+    """The first audit record ``accept`` takes (the gate writes its log in the background)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = [r for r in audit_records(gate) if accept(r)]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no such audit record in {audit_records(gate)}"
+        time.sleep(0.05)
+
+
+def records_of(gate: GateProcess, reply: Reply) -> Callable[[dict[str, Any]], bool]:
+    request_id = reply.header("X-Request-Id")
+    assert request_id, reply
+    return lambda record: record.get("request_id") == request_id
+
+
+@pytest.fixture(scope="module")
+def auth_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    files = tmp_path_factory.mktemp("edge-auth")
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    (files / "htpasswd").write_text(f"{USER}:{hashed}\n")
+    key = ec.generate_private_key(ec.SECP256R1())
+    (files / "token.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+@pytest.fixture(scope="module")
+def token_gate(tmp_path_factory: pytest.TempPathFactory, auth_files: Path) -> Iterator[GateProcess]:
+    gate = GateProcess(
+        tmp_path_factory.mktemp("edge-token-gate"),
+        {
+            "upstreams": UPSTREAMS,
+            "push_registry": CORP,
+            "auth": {
+                "mode": "token",
+                "htpasswd": str(auth_files / "htpasswd"),
+                "signing_key": str(auth_files / "token.pem"),
+            },
+        },
+        policy=ALLOW_ALL,
+        name="edge-token-gate",
+    )
+    with gate:
+        yield gate
+
+
+@pytest.fixture(scope="module")
+def open_gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GateProcess]:
+    gate = GateProcess(
+        tmp_path_factory.mktemp("edge-open-gate"),
+        {"upstreams": UPSTREAMS, "push_registry": CORP},
+        policy=ALLOW_ALL,
+        name="edge-open-gate",
+    )
+    with gate:
+        yield gate
+
+
+# -- #11: the gate chooses its request ids ------------------------------------------------------
+
+
+def test_the_gate_chooses_the_request_id_and_keeps_a_valid_client_id_beside_it(
+    token_gate: GateProcess,
+) -> None:
+    chosen = "client-chosen:id.42"
+    reply = request(
+        token_gate.url, "PUT", f"/v2/{CORP}/team/app/manifests/1", {"X-Request-Id": chosen}
+    )
+    assert reply.status == 401, reply
+    ours = reply.header("X-Request-Id")
+    assert ours and ours != chosen
+    record = wait_for_record(token_gate, records_of(token_gate, reply))
+    assert record["request_id"] == ours
+    assert record["extra"]["client_request_id"] == chosen
+    assert chosen not in {r["request_id"] for r in audit_records(token_gate)}
+
+
+@pytest.mark.parametrize("invalid", ["x" * 129, "two words", 'quote"d', "semi;colon", "ü"])
+def test_an_invalid_client_request_id_is_dropped(token_gate: GateProcess, invalid: str) -> None:
+    header = invalid.encode().decode("latin-1")  # http.client sends latin-1
+    reply = request(
+        token_gate.url,
+        "DELETE",
+        f"/v2/{CORP}/team/app/manifests/{DIGEST}",
+        {"X-Request-Id": header},
+    )
+    assert reply.status == 401, reply
+    assert reply.header("X-Request-Id") != header
+    record = wait_for_record(token_gate, records_of(token_gate, reply))
+    assert "client_request_id" not in record.get("extra", {})
+
+
+# -- #6: every refused write is audited ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "action"),
+    [
+        ("PUT", f"/v2/{CORP}/team/app/manifests/1", "push"),
+        ("POST", f"/v2/{CORP}/team/app/blobs/uploads/", "push"),
+        ("PATCH", f"/v2/{CORP}/team/app/blobs/uploads/some-session", "push"),
+        ("PUT", f"/v2/{CORP}/team/app/blobs/uploads/some-session?digest={DIGEST}", "push"),
+        ("DELETE", f"/v2/{CORP}/team/app/blobs/uploads/some-session", "push"),
+        ("DELETE", f"/v2/{CORP}/team/app/manifests/{DIGEST}", "delete"),
+        ("DELETE", f"/v2/{CORP}/team/app/blobs/{DIGEST}", "delete"),
+        ("POST", "/v2/team/short/blobs/uploads/", "push"),
+    ],
+)
+def test_anonymous_writes_refused_for_want_of_a_token_are_audited(
+    token_gate: GateProcess, method: str, path: str, action: str
+) -> None:
+    reply = request(token_gate.url, method, path, body=b"" if method != "DELETE" else None)
+    assert reply.status == 401, reply
+    record = wait_for_record(token_gate, records_of(token_gate, reply))
+    assert record["event"] == "write_refused"
+    assert (record["action"], record["decision"], record["status"]) == (action, "deny", 401)
+    assert record["principal"] == {"user": None, "groups": []}
+    assert record["client"] == "127.0.0.1"
+    assert record["extra"]["method"] == method
+    assert record["reason"].startswith("UNAUTHORIZED")
+
+
+def test_a_write_refused_to_a_logged_in_user_names_the_user(token_gate: GateProcess) -> None:
+    basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    token = request(
+        token_gate.url,
+        "GET",
+        f"/token?service=registry-gate&scope=repository:{CORP}/team/app:pull",
+        {"Authorization": f"Basic {basic}"},
+    ).json()["token"]
+    reply = request(
+        token_gate.url,
+        "PUT",
+        f"/v2/{CORP}/team/app/manifests/1",
+        {"Authorization": f"Bearer {token}"},
+        body=b"{}",
+    )
+    assert reply.status == 401, reply  # a pull token does not grant push
+    record = wait_for_record(token_gate, records_of(token_gate, reply))
+    assert record["event"] == "write_refused" and record["principal"]["user"] == USER
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("PUT", f"/v2/{CORP}/Team/App/manifests/1", 400),  # invalid name
+        ("PUT", f"/v2/{CORP}/team/app/manifests/bad:tag!", 400),  # invalid reference
+        ("POST", "/v2/unknown.example/team/app/blobs/uploads/", 404),  # unknown registry
+        ("PATCH", f"/v2/{CORP}/team/app/blobs/uploads/not-a-session", 404),  # unknown upload
+        ("POST", f"/v2/{CORP}/team/app/blobs/uploads/", 502),  # the upstream is down
+        ("PUT", f"/v2/{CORP}/team/app/tags/list", 405),  # not a write endpoint
+        ("DELETE", "/v2/", 405),
+    ],
+)
+def test_writes_refused_for_any_other_reason_are_audited(
+    open_gate: GateProcess, method: str, path: str, status: int
+) -> None:
+    reply = request(open_gate.url, method, path, body=b"" if method != "DELETE" else None)
+    assert reply.status == status, reply
+    assert reply.error_codes, reply
+    record = wait_for_record(open_gate, records_of(open_gate, reply))
+    assert (record["event"], record["decision"], record["status"]) == (
+        "write_refused",
+        "deny",
+        status,
+    )
+    assert record["reason"].split(":")[0] == reply.error_codes[0]
+
+
+def test_a_policy_denial_is_audited_once(tmp_path: Path) -> None:
+    policy = {
+        "search": [CORP],
+        "default": "allow",
+        "rules": [{"name": "no-pushes", "match": "**", "actions": ["push"], "allow": False}],
+    }
+    with GateProcess(tmp_path, {"upstreams": UPSTREAMS}, policy=policy) as gate:
+        reply = request(gate.url, "POST", f"/v2/{CORP}/team/app/blobs/uploads/", body=b"")
+        assert reply.status == 403, reply
+        # Records are written in order: once a later request's record is there, any second
+        # record of the first request would be too.
+        later = request(gate.url, "DELETE", "/v2/")
+        wait_for_record(gate, records_of(gate, later))
+        records = [r for r in audit_records(gate) if records_of(gate, reply)(r)]
+    assert [r["event"] for r in records] == ["denial"], records
