@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy import client_config, operator_commands
 from proxy.app import build_app, build_metrics_app, build_services
+from proxy.http_server import GateRunner
 from proxy.logging_setup import configure_logging
 from proxy.services import Services
 from proxy.settings import ConfigError, Settings, host_port, load_settings
@@ -105,7 +106,7 @@ async def _serve(settings: Settings, services: Services) -> None:
     if settings.metrics.enabled and settings.metrics.listen:
         apps.append((build_metrics_app(services), settings.metrics.listen))
     for app, listen in apps:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = GateRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = host_port(listen)
         main_site = listen == settings.listen
@@ -123,8 +124,8 @@ async def _serve(settings: Settings, services: Services) -> None:
     try:
         await stop.wait()
     finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        for started in reversed(runners):
+            await started.cleanup()
 
 
 def _client_config(client: str, url: str, config: Path | None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -232,3 +233,76 @@ def test_a_policy_denial_is_audited_once(tmp_path: Path) -> None:
         wait_for_record(gate, records_of(gate, later))
         records = [r for r in audit_records(gate) if records_of(gate, reply)(r)]
     assert [r["event"] for r in records] == ["denial"], records
+
+
+# -- #8: requests the HTTP parser refuses echo nothing ---------------------------------------
+
+SECRET_USER, SECRET_PASSWORD = "parser-victim", "Pa55-w0rd-nobody-may-read"
+SECRET_BASIC = base64.b64encode(f"{SECRET_USER}:{SECRET_PASSWORD}".encode()).decode()
+# An Authorization header longer than the gate's 16 KiB field limit, credential first.
+HUGE_BASIC = base64.b64encode(f"{SECRET_USER}:{SECRET_PASSWORD}{'z' * 20000}".encode()).decode()
+
+
+def exchange(gate: GateProcess, data: bytes) -> bytes:
+    """Send raw bytes, read the answer until the gate closes the connection."""
+    chunks: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", gate.port), timeout=15) as sock:
+        sock.sendall(data)
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+MALFORMED = {
+    "oversized authorization": (
+        f"GET /v2/ HTTP/1.1\r\nHost: gate\r\nAuthorization: Basic {HUGE_BASIC}\r\n\r\n"
+    ),
+    "oversized request line": (
+        f"GET /v2/{'a' * 20000}?auth={SECRET_BASIC} HTTP/1.1\r\nHost: gate\r\n\r\n"
+    ),
+    "header line without a colon": (
+        f"GET /v2/ HTTP/1.1\r\nHost: gate\r\nAuthorization Basic {SECRET_BASIC}\r\n\r\n"
+    ),
+    "invalid header name": (
+        f"GET /v2/ HTTP/1.1\r\nHost: gate\r\nAuth{{}}: Basic {SECRET_BASIC}\r\n\r\n"
+    ),
+    "content-length and chunked": (
+        "POST /token HTTP/1.1\r\nHost: gate\r\nContent-Length: 4\r\n"
+        f"Transfer-Encoding: chunked\r\nAuthorization: Basic {SECRET_BASIC}\r\n\r\n"
+        "0\r\n\r\n"
+    ),
+    "two content lengths": (
+        "POST /token HTTP/1.1\r\nHost: gate\r\nContent-Length: 4\r\nContent-Length: 5\r\n"
+        f"Authorization: Basic {SECRET_BASIC}\r\n\r\nabcd"
+    ),
+    "bad chunk size": (
+        "POST /token HTTP/1.1\r\nHost: gate\r\nTransfer-Encoding: chunked\r\n"
+        f"Authorization: Basic {SECRET_BASIC}\r\n\r\nzz{SECRET_BASIC}\r\n"
+    ),
+    "bad method": f"G{SECRET_BASIC}T / HTTP/1.1\r\nHost: gate\r\n\r\n",
+    "too many headers": (
+        "GET /v2/ HTTP/1.1\r\nHost: gate\r\n"
+        + "".join(f"X-H{i}: {SECRET_BASIC}\r\n" for i in range(200))
+        + "\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_parser_errors_are_oci_json_and_echo_no_credential(
+    open_gate: GateProcess, case: str
+) -> None:
+    log_before = len(open_gate.log_text())
+    raw = exchange(open_gate, MALFORMED[case].encode("latin-1"))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    assert status in (400, 431), raw[:500]
+    errors = json.loads(body)["errors"]
+    assert errors and errors[0]["code"] and errors[0]["message"], body
+    log = open_gate.log_text()[log_before:]
+    secrets = (SECRET_USER, SECRET_PASSWORD, SECRET_BASIC[:12], HUGE_BASIC[:12], "zzzz")
+    for secret in secrets:
+        assert secret.encode() not in raw, (secret, raw[:500])
+        assert secret not in log, (secret, log[-2000:])
+    # Still serving.
+    assert request(open_gate.url, "GET", "/v2/").status == 200
