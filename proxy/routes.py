@@ -24,6 +24,7 @@ from proxy.references import (
     validate_digest,
     validate_reference,
 )
+from proxy.request_bodies import body_deadline
 from proxy.services import SERVICES, Services
 from proxy.tag_pages import next_link, page, parse_page_size
 
@@ -233,7 +234,8 @@ async def _write(
         )
     elif route.kind == "manifest" and method == "PUT":
         assert route.ref is not None
-        body = await read_manifest_body(request.content.iter_chunked(STREAM_CHUNK))
+        async with body_deadline(services.settings.request_body_timeout):
+            body = await read_manifest_body(request.content.iter_chunked(STREAM_CHUNK))
         forwarded = await services.pusher.put_manifest(
             repository, address, route.ref, request.headers, body, request.query.getall("tag", [])
         )

@@ -240,6 +240,11 @@ class Settings(_Strict):
         gt=0,
         description="close a client connection idle this long, or still sending headers",
     )
+    request_body_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a body the gate reads itself (token form, manifest) may take",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 

@@ -7,11 +7,14 @@ service); the body never repeats what was sent.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import web
+from multidict import MultiDict
 
 from proxy.auth import CredentialsInvalid, TokenGrant
 from proxy.principal import Principal
+from proxy.request_bodies import read_body
 from proxy.services import SERVICES, Services
 
 MAX_FORM_BYTES = 64 * 1024
@@ -70,9 +73,12 @@ async def token_post(request: web.Request) -> web.Response:
     authenticator = services.authenticator
     if authenticator is None:
         raise web.HTTPNotFound()
-    if (request.content_length or 0) > MAX_FORM_BYTES:
-        return _refused(services, "request too large")
-    form = await request.post()
+    # Read with a cap and a deadline (413/408, connection closed): this endpoint is open
+    # to anyone, so a large or dripped form must not hold memory or a handler.
+    body = await read_body(
+        request, limit=MAX_FORM_BYTES, seconds=services.settings.request_body_timeout
+    )
+    form = MultiDict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
     grant_type = str(form.get("grant_type", ""))
     try:
         if grant_type == "password":

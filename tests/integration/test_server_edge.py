@@ -31,6 +31,7 @@ UPSTREAMS = [{"registry": CORP, "url": f"http://127.0.0.1:{free_port()}"}]
 ALLOW_ALL = {"search": [CORP], "default": "allow", "rules": []}
 USER, PASSWORD = "alice", "correct-horse-battery-staple"
 DIGEST = "sha256:" + "a" * 64
+BODY_TIMEOUT = 2
 
 
 def audit_records(gate: GateProcess) -> list[dict[str, Any]]:
@@ -82,6 +83,7 @@ def token_gate(tmp_path_factory: pytest.TempPathFactory, auth_files: Path) -> It
         {
             "upstreams": UPSTREAMS,
             "push_registry": CORP,
+            "request_body_timeout": BODY_TIMEOUT,
             "auth": {
                 "mode": "token",
                 "htpasswd": str(auth_files / "htpasswd"),
@@ -99,7 +101,7 @@ def token_gate(tmp_path_factory: pytest.TempPathFactory, auth_files: Path) -> It
 def open_gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GateProcess]:
     gate = GateProcess(
         tmp_path_factory.mktemp("edge-open-gate"),
-        {"upstreams": UPSTREAMS, "push_registry": CORP},
+        {"upstreams": UPSTREAMS, "push_registry": CORP, "request_body_timeout": BODY_TIMEOUT},
         policy=ALLOW_ALL,
         name="edge-open-gate",
     )
@@ -306,3 +308,70 @@ def test_parser_errors_are_oci_json_and_echo_no_credential(
         assert secret not in log, (secret, log[-2000:])
     # Still serving.
     assert request(open_gate.url, "GET", "/v2/").status == 200
+
+
+# -- #7: bodies the gate reads itself have a cap and a deadline -------------------------------
+
+
+def drip(gate: GateProcess, head: str, give_up_after: float = 60.0) -> bytes:
+    """Send ``head``, then one body byte every half second until the gate answers and
+    closes; what it answered (the test fails if it is still reading after 60 s)."""
+    received: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", gate.port), timeout=5) as sock:
+        sock.sendall(head.encode())
+        started = time.monotonic()
+        while time.monotonic() - started < give_up_after:
+            try:
+                sock.sendall(b"a")
+            except OSError:
+                break  # closed while we were still sending
+            sock.settimeout(0.5)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            received.append(chunk)
+        else:
+            pytest.fail(f"the gate kept reading a dripped body for {give_up_after:.0f} s")
+    return b"".join(received)
+
+
+DRIPPED = {
+    "token form": "POST /token HTTP/1.1\r\nHost: gate\r\n"
+    "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 10000\r\n\r\n",
+    "token form, chunked": "POST /token HTTP/1.1\r\nHost: gate\r\n"
+    "Transfer-Encoding: chunked\r\n\r\n10000\r\n",
+    "manifest": f"PUT /v2/{CORP}/team/app/manifests/1 HTTP/1.1\r\nHost: gate\r\n"
+    "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+    "Content-Length: 10000\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(DRIPPED))
+def test_a_dripped_body_is_cut_off_with_408(
+    token_gate: GateProcess, open_gate: GateProcess, case: str
+) -> None:
+    gate = open_gate if case == "manifest" else token_gate
+    answer = drip(gate, DRIPPED[case])
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"408", answer[:300]
+    assert json.loads(body)["errors"][0]["code"] == "SIZE_INVALID"
+    assert b"Connection: close" in head
+
+
+def test_a_token_form_over_the_cap_is_refused_even_when_chunked(token_gate: GateProcess) -> None:
+    form = b"grant_type=password&username=alice&password=" + b"x" * 100_000
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(form[i : i + 4096]), form[i : i + 4096])
+        for i in range(0, len(form), 4096)
+    )
+    data = (
+        b"POST /token HTTP/1.1\r\nHost: gate\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n" + chunks + b"0\r\n\r\n"
+    )
+    answer = exchange(token_gate, data)
+    assert answer.split()[1] == b"413", answer[:300]
