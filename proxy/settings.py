@@ -245,6 +245,12 @@ class Settings(_Strict):
         gt=0,
         description="seconds a body the gate reads itself (token form, manifest) may take",
     )
+    shutdown_timeout: float = Field(
+        default=25.0,
+        gt=0,
+        le=3600,
+        description="seconds SIGTERM may take in all: in-flight requests, then closing",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 
