@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.support.fault_proxy import FaultProxy
 from tests.support.gate import GateProcess
 from tests.support.registries import free_port
 from tests.support.wire import Reply, request
@@ -375,3 +379,79 @@ def test_a_token_form_over_the_cap_is_refused_even_when_chunked(token_gate: Gate
     )
     answer = exchange(token_gate, data)
     assert answer.split()[1] == b"413", answer[:300]
+
+
+# -- #19: SIGTERM drains within shutdown_timeout ----------------------------------------------
+
+SHUTDOWN_TIMEOUT = 6
+
+
+def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within {seconds:.0f} s"
+        time.sleep(0.05)
+
+
+def ready_status(gate: GateProcess) -> int:
+    return request(gate.url, "GET", "/readyz", timeout=5).status
+
+
+@pytest.fixture
+def hanging_gate(tmp_path: Path) -> Iterator[tuple[GateProcess, FaultProxy]]:
+    """A gate whose upstream holds every request until released."""
+    with FaultProxy(f"http://127.0.0.1:{free_port()}", name="hanging-upstream") as proxy:
+        proxy.set_fault("hang", timeout=120)
+        gate = GateProcess(
+            tmp_path / "gate",
+            {
+                "upstreams": [{"registry": CORP, "url": proxy.url}],
+                "shutdown_timeout": SHUTDOWN_TIMEOUT,
+            },
+            policy=ALLOW_ALL,
+        )
+        with gate:
+            yield gate, proxy
+
+
+def start_in_flight(gate: GateProcess, proxy: FaultProxy) -> Future[Reply]:
+    """A manifest pull the hanging upstream holds, once it is held there."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    held = pool.submit(request, gate.url, "GET", f"/v2/{CORP}/team/app/manifests/1", (), None, 60)
+    pool.shutdown(wait=False)
+    wait_until(lambda: proxy.count(kind="manifest") >= 1, 15, "held upstream")
+    return held
+
+
+def test_sigterm_refuses_new_requests_with_503_and_finishes_those_in_flight(
+    hanging_gate: tuple[GateProcess, FaultProxy],
+) -> None:
+    gate, proxy = hanging_gate
+    in_flight = start_in_flight(gate, proxy)
+    assert ready_status(gate) == 200
+    os.kill(gate.pid or 0, signal.SIGTERM)
+    wait_until(lambda: ready_status(gate) == 503, 5, "unready after SIGTERM")
+    refused = request(gate.url, "GET", "/v2/")
+    assert refused.status == 503 and refused.error_codes == ["UNAVAILABLE"], refused
+    assert (refused.header("Connection") or "").lower() == "close"
+    assert request(gate.url, "GET", "/healthz").status == 200
+    assert gate.running and not in_flight.done()
+    proxy.release()
+    # The in-flight request gets its answer (the upstream behind the proxy is down: 502).
+    assert in_flight.result(timeout=30).status == 502
+    wait_until(lambda: not gate.running, SHUTDOWN_TIMEOUT + 10, "exited")
+    assert gate.returncode == 0
+
+
+def test_the_drain_ends_at_shutdown_timeout(
+    hanging_gate: tuple[GateProcess, FaultProxy],
+) -> None:
+    gate, proxy = hanging_gate
+    in_flight = start_in_flight(gate, proxy)
+    os.kill(gate.pid or 0, signal.SIGTERM)
+    # Generous slack for a loaded machine; without the bound the gate waits for the
+    # upstream (120 s here), then aiohttp's own 60 s twice.
+    wait_until(lambda: not gate.running, SHUTDOWN_TIMEOUT + 10, "exited")
+    with pytest.raises(OSError):
+        in_flight.result(timeout=30)
+    assert "cutting off 1 requests still in flight" in gate.log_text()
