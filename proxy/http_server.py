@@ -61,9 +61,11 @@ class GateRequestHandler(RequestHandler):
                 extra={"request_id": request_id, "client": request.remote, "status": status},
             )
         else:
+            # Not a parser error: the gate's own failure, with its traceback to debug it.
             log.error(
                 "error outside the application (%s)",
                 kind,
+                exc_info=exc,
                 extra={"request_id": request_id, "client": request.remote, "status": status},
             )
         if request.writer.output_size > 0:
