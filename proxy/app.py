@@ -20,6 +20,7 @@ from proxy.auth import Authenticator
 from proxy.cache import Cache
 from proxy.circuit import CircuitBreaker
 from proxy.credentials import UserDirectory
+from proxy.drain import DRAIN, Drain, drain_middleware
 from proxy.gatekeeper import Gatekeeper
 from proxy.login_limits import LoginLimiter
 from proxy.metrics import Metrics
@@ -171,7 +172,7 @@ async def _audit_lifecycle(app: web.Application) -> AsyncIterator[None]:
 def build_app(settings: Settings, services: Services | None = None) -> web.Application:
     """The aiohttp application for these settings."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, drain_middleware, auth_middleware],
         handler_args={
             "max_line_size": MAX_HEADER_SIZE,
             "max_field_size": MAX_HEADER_SIZE,
@@ -184,6 +185,7 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
         client_max_size=4 * 1024 * 1024,
     )
     app[SERVICES] = services or build_services(settings)
+    app[DRAIN] = Drain()
     app.cleanup_ctx.append(_audit_lifecycle)
     app.cleanup_ctx.append(_cache_lifecycle)
     app.cleanup_ctx.append(_policy_watch_lifecycle)

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
-import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
 from proxy import __version__, client_config, operator_commands
 from proxy.app import build_app, build_metrics_app, build_services
+from proxy.drain import DRAIN, Drain
+from proxy.http_server import GateRunner
 from proxy.logging_setup import configure_logging
+from proxy.preflight import describe, preflight, setting_named_in, tls_context
 from proxy.services import Services
 from proxy.settings import ConfigError, Settings, host_port, load_settings
 
 EXIT_CONFIG = 2
+# Seconds of shutdown_timeout kept for closing (audit flush, cache) after the drain.
+_CLOSE_RESERVE = 5.0
 log = logging.getLogger("registry_gate")
 
 
@@ -33,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="gate.yaml (default: embedded default)")
     check = commands.add_parser("check-config", help="validate a configuration and exit")
     check.add_argument("--config", type=Path, required=True)
+    check.add_argument(
+        "--check-listen",
+        action="store_true",
+        help="also check that the listen addresses are free (bind and release them)",
+    )
     policy = commands.add_parser("policy", help="explain decisions, manage pins")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     explain = policy_commands.add_parser("explain", help="why a reference is allowed or not")
@@ -78,45 +88,66 @@ def _load(path: Path | None) -> Settings:
 
 
 def serve(settings: Settings) -> None:
-    """Run the gate until interrupted."""
+    """Run the gate until SIGTERM/SIGINT, then drain (at most `shutdown_timeout`)."""
     configure_logging(settings.log_level, settings.log_format)
     try:
-        # Building reads what the settings name (passwords, keys, htpasswd).
+        # Building reads what the settings name (passwords, keys, htpasswd); preflight
+        # tries what start-up opens (folders, TLS files), so neither fails half-started.
         services = build_services(settings)
-    except ConfigError as exc:
-        raise _config_error(exc) from exc
-    try:
+        preflight(settings)
         asyncio.run(_serve(settings, services))
     except ConfigError as exc:
         raise _config_error(exc) from exc
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    if settings.tls is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+async def _start(
+    settings: Settings, services: Services
+) -> tuple[web.Application, list[GateRunner]]:
+    """Open everything and listen; a failure is a ConfigError naming the setting."""
+    ssl_context = tls_context(settings)
+    app = build_app(settings, services)
+    # Our own drain bounds the wait for requests; aiohttp's wait is for stragglers only.
+    straggler_wait = min(_CLOSE_RESERVE, settings.shutdown_timeout / 4) / 2
+    runners: list[GateRunner] = []
+    sites = [(app, "listen", settings.listen, ssl_context)]
+    if settings.metrics.enabled and settings.metrics.listen:
+        sites.append((build_metrics_app(services), "metrics.listen", settings.metrics.listen, None))
     try:
-        context.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls: cannot load certificate/key: {exc}") from exc
-    return context
+        for site_app, setting, listen, context in sites:
+            runner = GateRunner(
+                site_app, access_log=None, handle_signals=False, shutdown_timeout=straggler_wait
+            )
+            runners.append(runner)
+            await _starting(settings, runner.setup())
+            host, port = host_port(listen)
+            try:
+                await web.TCPSite(runner, host, port, ssl_context=context).start()
+            except OSError as exc:
+                raise ConfigError(f"{setting}: cannot listen on {listen}: {describe(exc)}") from exc
+    except BaseException:
+        for started in reversed(runners):
+            with contextlib.suppress(Exception):
+                await started.cleanup()
+        raise
+    return app, runners
+
+
+async def _starting(settings: Settings, opening: Awaitable[None]) -> None:
+    """Await a start-up step, turning any failure into one line naming its setting."""
+    try:
+        await opening
+    except ConfigError:
+        raise
+    except Exception as exc:
+        text = describe(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename is not None:
+            text = f"{text}: {exc.filename}"
+        setting = setting_named_in(settings, f"{text} {exc}") or "start-up"
+        raise ConfigError(f"{setting}: {text}") from exc
 
 
 async def _serve(settings: Settings, services: Services) -> None:
-    ssl_context = _ssl_context(settings)
-    runners: list[web.AppRunner] = []
-    apps = [(build_app(settings, services), settings.listen)]
-    if settings.metrics.enabled and settings.metrics.listen:
-        apps.append((build_metrics_app(services), settings.metrics.listen))
-    for app, listen in apps:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        host, port = host_port(listen)
-        main_site = listen == settings.listen
-        await web.TCPSite(
-            runner, host, port, ssl_context=ssl_context if main_site else None
-        ).start()
-        runners.append(runner)
+    app, runners = await _start(settings, services)
     log.info("registry-gate listening on %s", settings.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -124,11 +155,31 @@ async def _serve(settings: Settings, services: Services) -> None:
         loop.add_signal_handler(signum, stop.set)
     # SIGHUP reloads policy; an invalid policy is refused and the old one stays.
     loop.add_signal_handler(signal.SIGHUP, services.holder.reload)
+    await stop.wait()
+    await _shut_down(settings.shutdown_timeout, app[DRAIN], runners)
+
+
+async def _shut_down(seconds: float, drain: Drain, runners: list[GateRunner]) -> None:
+    """Drain, then close; the whole of it bounded by `seconds` (shutdown_timeout)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    # Kept for closing (audit flush, cache) after the in-flight requests.
+    reserve = min(_CLOSE_RESERVE, seconds / 4)
+    drain.begin()
+    log.info("draining: %d requests in flight, at most %g s", drain.inflight, seconds)
     try:
-        await stop.wait()
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        async with asyncio.timeout_at(deadline - reserve):
+            await drain.idle()
+    except TimeoutError:
+        log.warning("shutdown_timeout: cutting off %d requests still in flight", drain.inflight)
+    try:
+        async with asyncio.timeout_at(deadline):
+            for runner in reversed(runners):
+                await runner.cleanup()
+    except TimeoutError:
+        log.error("shutdown_timeout reached while closing: exiting with work left undone")
+    else:
+        log.info("registry-gate stopped")
 
 
 def _client_config(client: str, url: str, config: Path | None, output: Path | None) -> int:
@@ -198,8 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         settings = _load(args.config)
         try:
-            # Everything serve would read: policy files, htpasswd, keys, passwords.
+            # Everything serve would read (policy files, htpasswd, keys, passwords) and
+            # open (storage, audit and pins folders, TLS files; listen addresses if asked).
             services = build_services(settings)
+            preflight(settings, listen=args.check_listen)
         except ConfigError as exc:
             raise _config_error(exc) from exc
         policy = services.holder.current.policy

@@ -67,6 +67,28 @@ class ManifestTooLarge(ManifestInvalid):
     status = 413
 
 
+class BodyTooLarge(RegistryError):
+    """A request body the gate reads itself is over its cap (the connection is closed)."""
+
+    code, status = "SIZE_INVALID", 413
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
+class BodyTimeout(RegistryError):
+    """A request body the gate reads itself did not arrive in time (connection closed).
+
+    OCI has no timeout code; SIZE_INVALID says what happened: the body did not arrive
+    as declared.
+    """
+
+    code, status = "SIZE_INVALID", 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class PaginationNumberInvalid(RegistryError):
     """The `n` parameter of a list request is not a non-negative integer."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cachetools import TTLCache
@@ -31,14 +31,23 @@ log = logging.getLogger("registry_gate.policy")
 RESOLUTION_MEMORY_SECONDS = 600.0
 
 
+@dataclass(slots=True)
+class AuditTrail:
+    """How many audit records one request wrote (so the edge can audit what nothing did)."""
+
+    records: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """What audit needs to know about the client side of a request."""
 
-    request_id: str
+    request_id: str  # the gate's own id, never the client's
     client: str | None
     principal: Principal
     user_agent: str | None
+    client_request_id: str | None = None  # the client's X-Request-Id, validated
+    trail: AuditTrail = field(default_factory=AuditTrail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +301,9 @@ class Gatekeeper:
     ) -> None:
         """Write one audit record for a decision-bearing request."""
         fields: dict[str, Any] = dict(extra or {})
+        if context.client_request_id is not None:
+            fields["client_request_id"] = context.client_request_id
+        context.trail.records += 1
         if access is not None:
             fields.update(access.audit_fields())
             resolved = resolved or str(access.repository)

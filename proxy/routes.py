@@ -14,8 +14,7 @@ from aiohttp import web
 from proxy.addressing import Target, V2Route, locate, parse_v2_path
 from proxy.errors import ManifestUnknown, NameInvalid, NameUnknown, RegistryError, Unsupported
 from proxy.gatekeeper import RequestContext
-from proxy.middleware import API_VERSION_HEADER, request_id_of
-from proxy.principal import ANONYMOUS
+from proxy.middleware import API_VERSION_HEADER, request_context
 from proxy.pull_through import STREAM_CHUNK
 from proxy.push import ClientAddress, read_manifest_body
 from proxy.ranges import content_range, parse_range
@@ -25,6 +24,7 @@ from proxy.references import (
     validate_digest,
     validate_reference,
 )
+from proxy.request_bodies import body_deadline
 from proxy.services import SERVICES, Services
 from proxy.tag_pages import next_link, page, parse_page_size
 
@@ -80,12 +80,7 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
 
 
 def _context(request: web.Request) -> RequestContext:
-    return RequestContext(
-        request_id=request_id_of(request),
-        client=request.remote,
-        principal=request.get("principal", ANONYMOUS),
-        user_agent=request.headers.get("User-Agent"),
-    )
+    return request_context(request)
 
 
 async def _manifest(
@@ -266,7 +261,8 @@ async def _write(
         )
     elif route.kind == "manifest" and method == "PUT":
         assert route.ref is not None
-        body = await read_manifest_body(request.content.iter_chunked(STREAM_CHUNK))
+        async with body_deadline(services.settings.request_body_timeout):
+            body = await read_manifest_body(request.content.iter_chunked(STREAM_CHUNK))
         forwarded = await services.pusher.put_manifest(
             repository, address, route.ref, request.headers, body, request.query.getall("tag", [])
         )

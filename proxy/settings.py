@@ -356,6 +356,17 @@ class Settings(_Strict):
         gt=0,
         description="close a client connection idle this long, or still sending headers",
     )
+    request_body_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a body the gate reads itself (token form, manifest) may take",
+    )
+    shutdown_timeout: float = Field(
+        default=25.0,
+        gt=0,
+        le=3600,
+        description="seconds SIGTERM may take in all: in-flight requests, then closing",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: text when stderr is a terminal, JSON otherwise (collectors, containers).
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy.cli import EXIT_CONFIG, main
+from tests.support.deployment import self_signed_cert
+from tests.support.gate import GateProcess
+from tests.support.registries import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -187,3 +192,134 @@ def test_main_in_process(
     monkeypatch.setenv("DOCKERHUB_TOKEN", "test-token")
     assert main(["check-config", "--config", str(write(tmp_path, GOOD))]) == 0
     assert capsys.readouterr().out.startswith("ok: 3 upstreams")
+
+
+# -- start-up failures: one line naming the setting, from serve and check-config alike -----
+
+START_UP = """\
+listen: 127.0.0.1:@PORT@
+storage:
+  path: cache
+upstreams:
+  - registry: docker.io
+    url: http://127.0.0.1:9
+audit:
+  path: audit/audit.jsonl
+"""
+
+
+def _start_up_config(tmp_path: Path, extra: dict[str, object], port: int | None = None) -> Path:
+    document = yaml.safe_load(START_UP.replace("@PORT@", str(port or free_port())))
+    for key, value in extra.items():
+        node = document
+        *parents, last = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = value
+    return write(tmp_path, yaml.safe_dump(document))
+
+
+def _broken_setup(tmp_path: Path, case: str) -> tuple[dict[str, object], str]:
+    """gate.yaml keys that break start-up in one way, and the setting the error names."""
+    (tmp_path / "a-file").write_text("not a folder")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    for folder in ("tls", "other"):
+        (tmp_path / folder).mkdir()
+    cert, key = self_signed_cert(tmp_path / "tls")
+    _other_cert, other_key = self_signed_cert(tmp_path / "other")
+    return {
+        "audit folder is a file": (
+            {"audit.path": str(tmp_path / "a-file/audit.jsonl")},
+            "audit.path",
+        ),
+        "storage folder under a file": (
+            {"storage.path": str(tmp_path / "a-file/cache")},
+            "storage.path",
+        ),
+        "pins path under a file": (
+            {"policy.pins_path": str(tmp_path / "a-file/pins.json")},
+            "policy.pins_path",
+        ),
+        "tls key missing": (
+            {"tls": {"cert_file": str(cert), "key_file": str(tmp_path / "missing.pem")}},
+            "tls",
+        ),
+        "tls key garbage": ({"tls": {"cert_file": str(cert), "key_file": str(garbage)}}, "tls"),
+        "tls certificate and key mismatch": (
+            {"tls": {"cert_file": str(cert), "key_file": str(other_key)}},
+            "tls",
+        ),
+        "signing key garbage": (
+            {"auth": {"mode": "token", "signing_key": str(garbage)}},
+            "auth.signing_key",
+        ),
+        "htpasswd missing": (
+            {
+                "auth": {
+                    "mode": "token",
+                    "signing_key": str(key),
+                    "htpasswd": str(tmp_path / "missing-htpasswd"),
+                }
+            },
+            "htpasswd",
+        ),
+    }[case]
+
+
+BROKEN = [
+    "audit folder is a file",
+    "storage folder under a file",
+    "pins path under a file",
+    "tls key missing",
+    "tls key garbage",
+    "tls certificate and key mismatch",
+    "signing key garbage",
+    "htpasswd missing",
+]
+
+
+@pytest.mark.parametrize("case", BROKEN)
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_start_up_failures_are_one_line_naming_the_setting(
+    tmp_path: Path, case: str, command: str
+) -> None:
+    extra, setting = _broken_setup(tmp_path, case)
+    config = _start_up_config(tmp_path, extra)
+    assert_one_line_config_error(run_cli(command, "--config", str(config)), setting)
+
+
+def _listening_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_a_listen_address_in_use(tmp_path: Path) -> None:
+    with _listening_socket() as busy:
+        config = _start_up_config(tmp_path, {}, port=busy.getsockname()[1])
+        line = assert_one_line_config_error(run_cli("serve", "--config", str(config)), "listen")
+        assert "address already in use" in line
+        # check-config binds only when asked to (the gate may be running already).
+        assert run_cli("check-config", "--config", str(config)).returncode == 0
+        assert_one_line_config_error(
+            run_cli("check-config", "--check-listen", "--config", str(config)), "listen:"
+        )
+
+
+def test_a_metrics_listen_address_in_use(tmp_path: Path) -> None:
+    with _listening_socket() as busy:
+        config = _start_up_config(
+            tmp_path, {"metrics.listen": f"127.0.0.1:{busy.getsockname()[1]}"}
+        )
+        assert_one_line_config_error(run_cli("serve", "--config", str(config)), "metrics.listen")
+
+
+def test_storage_in_use_by_another_gate(tmp_path: Path) -> None:
+    """A failure only the opening itself finds (the storage lock) still names its setting."""
+    with GateProcess(
+        tmp_path / "first", {"upstreams": [{"registry": "docker.io", "url": "http://127.0.0.1:9"}]}
+    ) as first:
+        config = _start_up_config(tmp_path, {"storage.path": first.config["storage"]["path"]})
+        assert_one_line_config_error(run_cli("serve", "--config", str(config)), "storage.path")

@@ -368,6 +368,32 @@ def test_probes(scenario: tuple[str, Rendered]) -> None:
     assert rendered.pod_spec["terminationGracePeriodSeconds"] >= 30
 
 
+def test_the_grace_period_covers_the_whole_drain(scenario: tuple[str, Rendered]) -> None:
+    """The kubelet SIGKILLs at the grace period, counted from before the preStop sleep:
+    it must cover that sleep and the gate's whole drain (shutdown_timeout)."""
+    _, rendered = scenario
+    drain = Settings.model_validate(rendered.gate_yaml).shutdown_timeout
+    grace = rendered.pod_spec["terminationGracePeriodSeconds"]
+    assert grace >= rendered.values["preStopSleepSeconds"] + drain + 5
+
+
+@pytest.mark.parametrize(
+    ("values", "grace"),
+    [
+        ({}, 5 + 25 + 5),
+        ({"config": {"shutdown_timeout": 50.5}}, 5 + 51 + 5),
+        ({"preStopSleepSeconds": 0, "config": {"shutdown_timeout": 10}}, 15),
+        ({"terminationGracePeriodSeconds": 90}, 90),
+    ],
+)
+def test_the_grace_period_follows_shutdown_timeout(values: dict[str, Any], grace: int) -> None:
+    base = {"config": {"upstreams": [{"registry": "docker.io", "url": "https://x.example"}]}}
+    rendered = render(merged(base, values))
+    assert rendered.pod_spec["terminationGracePeriodSeconds"] == grace
+    # The chart's default is the gate's own.
+    assert Settings.model_fields["shutdown_timeout"].default == 25
+
+
 def _projected_items(rendered: Rendered) -> dict[str, tuple[str, str, str]]:
     """Path inside /etc/registry-gate -> (source kind, object name, key)."""
     items: dict[str, tuple[str, str, str]] = {}
@@ -697,6 +723,10 @@ def test_schema_refuses(values: dict[str, Any], complaint: str) -> None:
             "set metrics.separatePort: true",
         ),
         ({"tls": {"enabled": True}}, "tls.enabled needs tls.secretName"),
+        (
+            {"terminationGracePeriodSeconds": 30, "config": {"shutdown_timeout": 25}},
+            "terminationGracePeriodSeconds 30 is shorter than",
+        ),
         ({"persistence": {"existingClaim": "cache"}}, "existingClaim is for workload.kind"),
         (
             {"existingPolicies": {"configMap": "p", "files": ["dockerhub-mirror.yaml"]}},

@@ -195,6 +195,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.auth.mode == "none"
     assert settings.auth.token_ttl == 300
     assert settings.log_format == "auto"
+    assert (settings.request_body_timeout, settings.shutdown_timeout) == (30.0, 25.0)
 
 
 def test_embedded_default() -> None:
@@ -368,6 +369,11 @@ BAD_UPSTREAM = {"registry": "quay.io", "url": "https://quay.io"}
         pytest.param(
             with_(MINIMAL, metrics={"enabled": "sometimes"}), "metrics.enabled", id="metrics"
         ),
+        pytest.param(
+            with_(MINIMAL, request_body_timeout=0), "request_body_timeout", id="body-timeout"
+        ),
+        pytest.param(with_(MINIMAL, shutdown_timeout=-1), "shutdown_timeout", id="drain-negative"),
+        pytest.param(with_(MINIMAL, shutdown_timeout=7200), "shutdown_timeout", id="drain-huge"),
     ],
 )
 def test_bad_keys_are_named(tmp_path: Path, doc: dict[str, Any], key: str) -> None:

@@ -183,6 +183,24 @@ The ConfigMap's data: gate.yaml and one `policy.<file name>` key per policy file
 {{- end }}
 
 {{/*
+The pod's grace period: the preStop sleep, then the gate's whole drain
+(config.shutdown_timeout, the gate's default when unset), plus 5 s for the process
+to exit. An explicit terminationGracePeriodSeconds must not be shorter.
+*/}}
+{{- define "registry-gate.terminationGracePeriod" -}}
+{{- $drain := (.Values.config | default dict).shutdown_timeout | default 25 | float64 | ceil | int }}
+{{- $needed := add (int .Values.preStopSleepSeconds) $drain 5 }}
+{{- $set := .Values.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $set }}
+{{- $needed }}
+{{- else if lt (int $set) (int $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds %d is shorter than preStopSleepSeconds + config.shutdown_timeout + 5 = %d" (int $set) (int $needed)) }}
+{{- else }}
+{{- int $set }}
+{{- end }}
+{{- end }}
+
+{{/*
 The pod template shared by the StatefulSet and the Deployment.
 */}}
 {{- define "registry-gate.podTemplate" -}}
@@ -216,7 +234,7 @@ spec:
   {{- with .Values.priorityClassName }}
   priorityClassName: {{ . }}
   {{- end }}
-  terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+  terminationGracePeriodSeconds: {{ include "registry-gate.terminationGracePeriod" . }}
   securityContext:
     {{- toYaml .Values.podSecurityContext | nindent 4 }}
   containers:
