@@ -68,6 +68,23 @@ def upload_folders(registry: DistributionRegistry) -> list[Path]:
     return sorted(p for p in root.glob("**/_uploads/*")) if root.exists() else []
 
 
+def upload_leftovers(registry: DistributionRegistry) -> list[Path]:
+    """Files of upload sessions: their data, start time and hash states.
+
+    One file is not counted: Distribution 2.8's own DELETE removes the session and then,
+    closing its writer, writes the hash state of zero bytes again
+    (``hashstates/sha256/0``, 108 bytes, nothing of the upload; a plain client's DELETE
+    leaves the same). Anything else (``data``, ``startedat``, a hash state at an offset
+    past 0) is content the registry still holds.
+    """
+    return [
+        path
+        for folder in upload_folders(registry)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.relative_to(folder).parts != ("hashstates", "sha256", "0")
+    ]
+
+
 def blob_stored(registry: DistributionRegistry, digest: str) -> bool:
     hex_digest = digest.split(":", 1)[1]
     blobs = registry.storage / "docker/registry/v2/blobs/sha256"
@@ -75,11 +92,11 @@ def blob_stored(registry: DistributionRegistry, digest: str) -> bool:
 
 
 def wait_until_no_uploads(registry: DistributionRegistry) -> list[Path]:
-    """The upload folders left once the gate had time to cancel (cleanup after a client
+    """The upload files left once the gate had time to cancel (cleanup after a client
     is gone runs after the client's connection closed, so it is waited for)."""
     deadline = time.monotonic() + CLEANUP_WAIT
     while True:
-        left = upload_folders(registry)
+        left = upload_leftovers(registry)
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
@@ -166,14 +183,12 @@ async def test_monolithic_put_lands_byte_exact(
     up = Uploads(http, gate)
     data = blob_bytes(1)
     location = await up.start()
-    status, headers, body = await up.call(
-        "PUT", up.url(location, digest=sha256(data)), data, OCTET
-    )
+    status, headers, body = await up.call("PUT", up.url(location, digest=sha256(data)), data, OCTET)
     assert status == 201, body
     assert headers["Docker-Content-Digest"] == sha256(data)
     assert headers["Location"] == f"/v2/{NAME}/blobs/{sha256(data)}"
     assert blob_stored(corp, sha256(data))
-    assert upload_folders(corp) == []
+    assert upload_leftovers(corp) == []
 
 
 async def test_monolithic_post_completes_in_one_request(
@@ -188,7 +203,7 @@ async def test_monolithic_post_completes_in_one_request(
     assert status == 201, body
     assert headers["Location"] == f"/v2/{NAME}/blobs/{sha256(data)}"
     assert blob_stored(corp, sha256(data))
-    assert upload_folders(corp) == []
+    assert upload_leftovers(corp) == []
 
 
 async def test_chunked_then_put_with_a_last_chunk(
@@ -210,7 +225,7 @@ async def test_chunked_then_put_with_a_last_chunk(
     )
     assert status == 201, body
     assert blob_stored(corp, sha256(data))
-    assert upload_folders(corp) == []
+    assert upload_leftovers(corp) == []
 
 
 # -- rejected uploads leave nothing ---------------------------------------------------------------
@@ -249,7 +264,7 @@ async def test_patch_then_put_with_the_wrong_digest(
     up = Uploads(http, gate)
     data, claimed = blob_bytes(6), sha256(b"a different blob")
     location = await up.patch(await up.start(), data)
-    assert len(upload_folders(corp)) == 1  # the bytes are upstream, in the session
+    assert len(upload_leftovers(corp)) >= 1  # the bytes are upstream, in the session
     status, _, body = await up.call("PUT", up.url(location, digest=claimed))
     assert status == 400, body
     assert error_code(body) == "DIGEST_INVALID"
@@ -261,7 +276,7 @@ async def test_patch_then_put_with_the_wrong_digest(
 async def test_client_disconnect_mid_patch(gate: GateProcess, corp: DistributionRegistry) -> None:
     async with aiohttp.ClientSession() as http:
         location = await Uploads(http, gate).start()
-    assert len(upload_folders(corp)) == 1
+    assert len(upload_leftovers(corp)) >= 1
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.port)
     head = (
         f"PATCH {location} HTTP/1.1\r\nHost: {gate.host}\r\n"
@@ -320,7 +335,7 @@ async def test_upstream_failing_a_patch(
     )
     up = Uploads(http, proxied)
     location = await up.start()
-    assert len(upload_folders(corp)) == 1
+    assert len(upload_leftovers(corp)) >= 1
     corp_proxy.set_fault(Fault("status", kinds={"upload"}, methods={"PATCH"}, times=1))
     status, _, body = await up.call("PATCH", up.url(location), blob_bytes(8), OCTET)
     assert status == 502, body
@@ -335,9 +350,10 @@ async def test_policy_refusing_the_push_mid_upload(
     watched = gate_factory(gate_config(corp.url), policy=allow, name="policy-change")
     up = Uploads(http, watched)
     location = await up.patch(await up.start(), blob_bytes(9))
-    assert len(upload_folders(corp)) == 1
+    assert len(upload_leftovers(corp)) >= 1
     deny = policy_document(
-        [CORP], rules=[{"name": "frozen", "match": f"{CORP}/**", "actions": ["push"], "allow": False}]
+        [CORP],
+        rules=[{"name": "frozen", "match": f"{CORP}/**", "actions": ["push"], "allow": False}],
     )
     watched.policy_path.write_text(json.dumps(deny))
     # The gate polls its policy file: wait until a new upload is refused.
