@@ -270,7 +270,8 @@ async def test_patch_then_put_with_the_wrong_digest(
     assert error_code(body) == "DIGEST_INVALID"
     assert_nothing_left(corp, claimed, sha256(data))
     metrics = scrape(gate.url)
-    assert metrics.value("registry_gate_upload_aborts_total", reason="digest_mismatch") == 1
+    aborts = "registry_gate_upload_aborts_total"
+    assert metrics.value(aborts, reason="digest_mismatch", cancelled="yes") == 1
 
 
 async def test_client_disconnect_mid_patch(gate: GateProcess, corp: DistributionRegistry) -> None:
