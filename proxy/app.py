@@ -81,7 +81,7 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         clients=clients,
         pull=pull,
-        pusher=Pusher(clients, UploadSealer(secret)),
+        pusher=Pusher(clients, UploadSealer(secret), metrics, settings.uploads),
         metrics=metrics,
         audit=audit,
         holder=holder,
@@ -135,6 +135,8 @@ async def _upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     # Coalesced upstream exchanges (background tag revalidations) use the clients.
     await services.pull.close()
+    # Uploads cut by the shutdown are cancelled upstream before the pools close.
+    await services.pusher.drain()
     for client in services.clients.values():
         await client.close()
 

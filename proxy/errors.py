@@ -125,6 +125,18 @@ class BlobUploadUnknown(RegistryError):
     code, status = "BLOB_UPLOAD_UNKNOWN", 404
 
 
+class BlobUploadInvalid(RegistryError):
+    """An upload the gate ended: its body broke off, or it cannot be completed."""
+
+    code, status = "BLOB_UPLOAD_INVALID", 400
+
+
+class UploadTooSlow(BlobUploadInvalid):
+    """A client sent its upload body below the minimum rate (`uploads.min_rate`)."""
+
+    status = 408
+
+
 class Unauthorized(RegistryError):
     """The client must authenticate (answered with a Bearer challenge)."""
 

@@ -183,6 +183,14 @@ class Metrics:
             ["upstream", "outcome"],
             registry=registry,
         )
+        self.upload_aborts = Counter(
+            "registry_gate_upload_aborts_total",
+            "Uploads the gate ended, by reason (digest_mismatch, too_slow, client_gone, "
+            "upstream_error, unverifiable, refused, invalid) and whether the upstream "
+            "session was cancelled (cancelled: yes, no).",
+            ["reason", "cancelled"],
+            registry=registry,
+        )
 
         # Cache.
         self.cache_hits = Counter(

@@ -12,7 +12,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.addressing import Target, V2Route, locate, parse_v2_path
-from proxy.errors import ManifestUnknown, NameInvalid, NameUnknown, RegistryError, Unsupported
+from proxy.errors import (
+    Denied,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    RegistryError,
+    Unsupported,
+)
 from proxy.gatekeeper import RequestContext
 from proxy.middleware import API_VERSION_HEADER, request_context
 from proxy.pull_through import STREAM_CHUNK
@@ -241,7 +248,14 @@ async def _write(
     gatekeeper = services.gatekeeper
     action = "delete" if method == "DELETE" and route.kind in ("manifest", "blob") else "push"
     manifest_ref = route.ref if route.kind == "manifest" else None
-    access = await gatekeeper.check_write(context, target, action, manifest_ref)
+    try:
+        access = await gatekeeper.check_write(context, target, action, manifest_ref)
+    except Denied:
+        if route.kind == "upload" and route.ref is not None and target.repository is not None:
+            # Policy no longer allows this upload to go on: nothing of it may stay upstream.
+            address = ClientAddress(route.name, request.query.get("ns"))
+            await services.pusher.abandon(target.repository, address, route.ref)
+        raise
     repository = access.repository
     address = ClientAddress(route.name, request.query.get("ns"))
     if route.kind == "upload_start" and method == "POST":

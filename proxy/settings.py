@@ -327,6 +327,25 @@ class TlsSettings(_Strict):
     key_file: Path
 
 
+class UploadSettings(_Strict):
+    """Streamed upload bodies (blob PATCH/PUT): the least rate a client must keep up."""
+
+    min_rate: Size = Field(
+        default=1024, description="bytes per second a client must send an upload body at; 0: off"
+    )
+    min_rate_window: float = Field(
+        default=30.0, gt=0, le=3600, description="seconds over which min_rate is measured"
+    )
+
+    @field_validator("min_rate", mode="before")
+    @classmethod
+    def _rate(cls, value: object) -> int:
+        # `1KiB` or `1KiB/s`: a rate is a size per second.
+        if isinstance(value, str):
+            value = value.strip().removesuffix("/s")
+        return parse_size(value)
+
+
 class MetricsSettings(_Strict):
     """Where `/metrics` is served."""
 
@@ -347,6 +366,7 @@ class Settings(_Strict):
     upload_secret: str | None = Field(
         default=None, description="shared by replicas so upload sessions survive a hop"
     )
+    uploads: UploadSettings = UploadSettings()
     policy: PolicySettings = PolicySettings()
     auth: AuthSettings = AuthSettings()
     audit: AuditSettings = AuditSettings()

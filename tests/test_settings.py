@@ -198,6 +198,18 @@ def test_defaults(tmp_path: Path) -> None:
     assert (settings.request_body_timeout, settings.shutdown_timeout) == (30.0, 25.0)
 
 
+def test_upload_rate_defaults_and_forms(tmp_path: Path) -> None:
+    uploads = load(tmp_path, MINIMAL).uploads
+    assert (uploads.min_rate, uploads.min_rate_window) == (1024, 30.0)
+    for value, expected in (("1KiB/s", 1024), ("64KiB", 65536), (0, 0), ("2 MiB/s", 2 * 1024**2)):
+        doc = with_(MINIMAL, uploads={"min_rate": value, "min_rate_window": 5})
+        assert load(tmp_path, doc).uploads.min_rate == expected
+    overridden = load_settings(
+        write(tmp_path, MINIMAL), {"REGISTRY_GATE_UPLOADS__MIN_RATE": "10KiB/s"}
+    )
+    assert overridden.uploads.min_rate == 10 * 1024
+
+
 def test_embedded_default() -> None:
     settings = load_settings(None, {})
     assert settings.listen == "127.0.0.1:5000"
@@ -374,6 +386,17 @@ BAD_UPSTREAM = {"registry": "quay.io", "url": "https://quay.io"}
         ),
         pytest.param(with_(MINIMAL, shutdown_timeout=-1), "shutdown_timeout", id="drain-negative"),
         pytest.param(with_(MINIMAL, shutdown_timeout=7200), "shutdown_timeout", id="drain-huge"),
+        pytest.param(
+            with_(MINIMAL, uploads={"min_rate": "fast"}), "uploads.min_rate", id="min-rate"
+        ),
+        pytest.param(
+            with_(MINIMAL, uploads={"min_rate": -5}), "uploads.min_rate", id="min-rate-negative"
+        ),
+        pytest.param(
+            with_(MINIMAL, uploads={"min_rate_window": 0}),
+            "uploads.min_rate_window",
+            id="min-rate-window",
+        ),
     ],
 )
 def test_bad_keys_are_named(tmp_path: Path, doc: dict[str, Any], key: str) -> None:

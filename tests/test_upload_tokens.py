@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import BlobUploadUnknown
-from proxy.upload_tokens import UploadSealer
+from proxy.upload_tokens import SealedUpload, UploadSealer
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 LOCATION = "/v2/team/app/blobs/uploads/5f2a?_state=abc%3D%3D&x=1"
@@ -42,7 +42,16 @@ def b64(raw: bytes) -> str:
 
 def test_round_trip() -> None:
     token = sealer().seal("quay.io", "team/app", LOCATION)
-    assert sealer().open(token, "quay.io", "team/app") == LOCATION
+    assert sealer().open(token, "quay.io", "team/app") == SealedUpload(LOCATION, 0)
+
+
+def test_the_offset_is_sealed_too() -> None:
+    token = sealer().seal("quay.io", "team/app", LOCATION, 123_456)
+    assert sealer().open(token, "quay.io", "team/app") == SealedUpload(LOCATION, 123_456)
+    payload = unb64(token)[16:]
+    assert payload.endswith(b"123456]")
+    mac = unb64(token)[:16]
+    refused(b64(mac + payload.replace(b"123456]", b"0]")))
 
 
 def test_token_is_a_url_safe_path_component() -> None:
@@ -55,7 +64,7 @@ def test_token_is_a_url_safe_path_component() -> None:
 
 def test_replicas_sharing_the_secret_agree() -> None:
     token = UploadSealer(SECRET).seal("quay.io", "team/app", LOCATION)
-    assert UploadSealer(bytes(SECRET)).open(token, "quay.io", "team/app") == LOCATION
+    assert UploadSealer(bytes(SECRET)).open(token, "quay.io", "team/app").location == LOCATION
 
 
 def test_other_secret_refused() -> None:
@@ -117,7 +126,15 @@ def test_garbage_is_upload_unknown(token: str) -> None:
 
 def test_valid_mac_over_non_json_is_still_refused() -> None:
     # A payload the gate never sealed, with a correct MAC, must not crash the opener.
-    for payload in (b"not json", b'{"a": 1}', b"[1, 2]", b"\xff"):
+    for payload in (
+        b"not json",
+        b'{"a": 1}',
+        b"[1, 2]",
+        b"\xff",
+        b'["quay.io", "team/app", "/x", -1]',
+        b'["quay.io", "team/app", "/x", "7"]',
+        b'["quay.io", "team/app", "/x", true]',
+    ):
         mac = hmac.new(SECRET, payload, hashlib.sha256).digest()[:16]
         refused(b64(mac + payload))
 
@@ -128,6 +145,6 @@ _TEXT = st.text(min_size=1, max_size=60)
 @given(_TEXT, _TEXT, _TEXT)
 def test_seal_open_property(registry: str, repository: str, location: str) -> None:
     token = sealer().seal(registry, repository, location)
-    assert sealer().open(token, registry, repository) == location
+    assert sealer().open(token, registry, repository).location == location
     with pytest.raises(BlobUploadUnknown):
         sealer().open(token, registry, repository + "x")
