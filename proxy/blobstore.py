@@ -68,7 +68,11 @@ class StorageLocked(RuntimeError):
 
 class CacheFull(Exception):
     """A fill cannot fit under the cap: what could be evicted is not enough (the rest is
-    leased, pinned or being filled), or the blob is larger than the cap itself."""
+    leased, pinned or being filled), or (`never`) the blob is larger than the cap itself."""
+
+    def __init__(self, message: str, *, never: bool = False) -> None:
+        super().__init__(message)
+        self.never = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +420,7 @@ class FilesystemBlobStore:
         if size <= 0:
             return
         if size > self.max_size:
-            raise CacheFull(f"{size} bytes exceed the cache cap of {self.max_size}")
+            raise CacheFull(f"{size} bytes exceed the cache cap of {self.max_size}", never=True)
         if self.used + size <= self.max_size:
             self._filling += size
             return

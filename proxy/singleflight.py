@@ -30,6 +30,8 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from proxy.blobstore import BlobReader, BlobStore, BlobWriter, CacheFull
 from proxy.errors import DigestInvalid, RegistryError, ServiceUnavailable, UpstreamUnavailable
 from proxy.ranges import unsatisfiable
@@ -333,6 +335,9 @@ class FillCoordinator:
         self._observer = on_fill_finished
         self._fills: dict[str, _Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Digests larger than the whole cap: relayed at once, without a fill that would
+        # open the upstream only to find no room.
+        self._never_fit: LRUCache[str, bool] = LRUCache(maxsize=1024)
 
     @property
     def in_flight(self) -> int:
@@ -384,6 +389,8 @@ class FillCoordinator:
                 reader = await self._store.open_reader(digest)
                 if reader is not None:
                     return self._streamed(reader, size, offset, length, None)
+            if digest in self._never_fit:
+                return await self._relay(digest, open_upstream, offset, length)
             # The awaits above let another request start a fill meanwhile.
             fill = self._fills.get(digest)
             if fill is None or fill.committed:
@@ -460,6 +467,8 @@ class FillCoordinator:
             # Readers that have not started relay on their own; one already reading a
             # fill that outgrew its room (no announced length) ends short.
             log.warning("not caching %s: %s", fill.digest, exc)
+            if exc.never:
+                self._never_fit[fill.digest] = True
             fill.error = ServiceUnavailable("the cache has no room for this blob; retry")
             fill.error.__cause__ = exc
             outcome = "no_room"
