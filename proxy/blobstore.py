@@ -429,8 +429,9 @@ class FilesystemBlobStore:
     def _release(self, size: int) -> None:
         self._filling -= size
 
-    async def _publish(self, digest: str, size: int, reserved: int) -> None:
-        # Called after the rename: the blob is now visible, its reservation becomes it.
+    def _publish(self, digest: str, size: int, reserved: int) -> None:
+        # Called at once after the rename (no await between): the blob is now visible,
+        # its reservation becomes it.
         old = self._index.pop(digest, None)
         if old is not None:
             # The rename replaced the old file: its bytes left the disk.
@@ -625,8 +626,8 @@ class _FilesystemBlobWriter:
             await self.abort()
             raise
         self._finished = self._committed = True
+        self._store._publish(self._digest, self._written, self._reserved)
         await self._fd.close()
-        await self._store._publish(self._digest, self._written, self._reserved)
 
     async def abort(self) -> None:
         if self._finished:

@@ -80,13 +80,15 @@ def make_gate(gate_factory: GateFactory, proxy: FaultProxy, **config: Any) -> Ga
 
 
 def disk_use(folder: Path) -> int:
-    """Allocated bytes of every file under `folder` (what `du` counts)."""
-    total = 0
+    """Allocated bytes of every file under `folder` (what `du` counts), each inode once:
+    a fill published (renamed from tmp/ to blobs/) during the walk is seen twice."""
+    blocks: dict[int, int] = {}
     for root, _dirs, files in os.walk(folder):
         for name in files:
             with contextlib.suppress(FileNotFoundError):  # published or removed meanwhile
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
+                st = os.lstat(os.path.join(root, name))
+                blocks[st.st_ino] = st.st_blocks * 512
+    return sum(blocks.values())
 
 
 @dataclass
