@@ -12,6 +12,14 @@ and its embedded filesystem implementation:
 Eviction is least-recently-used under a byte cap, over an in-memory index rebuilt from the
 directory at start (order from file mtimes, which reads refresh now and then). A blob with
 a lease (being filled or read) or in the `protected` set (pinned images) is never evicted.
+
+The cap bounds the blob bytes on disk, not only the published ones: a fill reserves its
+expected size before its first byte is written (more as it goes when the size is not
+known), eviction makes room for the reservation, and a fill that cannot fit (everything
+else leased or pinned) is refused with `CacheFull` before it writes anything. Blobs being
+unlinked, and blobs deleted while a lease still holds them open, count until they are
+gone from the disk. Manifests, the sqlite index and leftovers of a crashed process (until
+the start-up sweep) are outside the cap.
 """
 
 from __future__ import annotations
@@ -58,14 +66,33 @@ class StorageLocked(RuntimeError):
     """Another process holds the cache directory (two gates must not share one)."""
 
 
+class CacheFull(Exception):
+    """A fill cannot fit under the cap: what could be evicted is not enough (the rest is
+    leased, pinned or being filled), or (`never`) the blob is larger than the cap itself."""
+
+    def __init__(self, message: str, *, never: bool = False) -> None:
+        super().__init__(message)
+        self.never = never
+
+
 @dataclass(frozen=True, slots=True)
 class BlobStats:
     """What the blob cache holds now."""
 
     count: int
     bytes: int
+    """Published blobs."""
     max_size: int
     leased: int
+    filling: int = 0
+    """Reserved by fills in progress (or, seen from another process, written so far)."""
+    removed_open: int = 0
+    """Removed from the index but still on disk: being unlinked, or held open by a lease."""
+
+    @property
+    def used(self) -> int:
+        """Blob bytes on disk, what `max_size` bounds."""
+        return self.bytes + self.filling + self.removed_open
 
 
 class BlobReader(Protocol):
@@ -139,8 +166,10 @@ class BlobStore(Protocol):
         """A reader of the published blob (counting as an access), or None."""
         ...
 
-    async def begin_fill(self, digest: str) -> BlobWriter:
-        """Start writing content that must hash to `digest`."""
+    async def begin_fill(self, digest: str, size: int | None = None) -> BlobWriter:
+        """Start writing content that must hash to `digest`, reserving `size` bytes (the
+        expected length, when known) under the cap first; CacheFull when it cannot fit.
+        Writes past the reservation reserve more, and may raise CacheFull too."""
         ...
 
     async def delete(self, digest: str) -> bool:
@@ -241,6 +270,11 @@ class FilesystemBlobStore:
         # Least recently used first.
         self._index: OrderedDict[str, _Entry] = OrderedDict()
         self._total = 0
+        # Bytes reserved by fills in progress, and bytes no longer indexed but still on
+        # disk (unlinking, or deleted while leased: the lease holders may have them open).
+        self._filling = 0
+        self._unlinking = 0
+        self._removed_open: dict[str, int] = {}
         self._leases: dict[str, int] = {}
         self._removing: dict[str, asyncio.Event] = {}
         self._gc_lock = asyncio.Lock()
@@ -273,6 +307,9 @@ class FilesystemBlobStore:
                 log.info("removing unfinished fill %s", leftover.name)
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
+        else:
+            # Beside a running gate: its fills in progress, as far as written.
+            self._filling = _tree_bytes(self._tmp)
         found: list[tuple[float, str, int]] = []
         for algorithm in _ALGORITHMS:
             with os.scandir(self._blobs / algorithm) as entries:
@@ -343,27 +380,65 @@ class FilesystemBlobStore:
                 self._leases[digest] = count
             else:
                 del self._leases[digest]
+                # The last holder is gone: a blob deleted under it has left the disk.
+                self._removed_open.pop(digest, None)
+
+    @property
+    def used(self) -> int:
+        """Blob bytes on disk (published, reserved by fills, not yet gone): what the cap
+        bounds."""
+        return self._total + self._filling + self._unlinking + sum(self._removed_open.values())
 
     async def stats(self) -> BlobStats:
-        return BlobStats(len(self._index), self._total, self.max_size, len(self._leases))
+        return BlobStats(
+            len(self._index),
+            self._total,
+            self.max_size,
+            len(self._leases),
+            self._filling,
+            self._unlinking + sum(self._removed_open.values()),
+        )
 
     # -- writes --------------------------------------------------------------------------
 
-    async def begin_fill(self, digest: str) -> BlobWriter:
+    async def begin_fill(self, digest: str, size: int | None = None) -> BlobWriter:
         algorithm, _, hexpart = validate_digest(digest).partition(":")
-        fd, name = await asyncio.to_thread(
-            tempfile.mkstemp, prefix=f"{hexpart[:16]}.", suffix=".part", dir=self._tmp
-        )
-        return _FilesystemBlobWriter(self, digest, algorithm, hexpart, fd, Path(name))
+        reserved = size or 0
+        await self._reserve(reserved)
+        try:
+            fd, name = await asyncio.to_thread(
+                tempfile.mkstemp, prefix=f"{hexpart[:16]}.", suffix=".part", dir=self._tmp
+            )
+        except BaseException:
+            self._release(reserved)
+            raise
+        return _FilesystemBlobWriter(self, digest, algorithm, hexpart, fd, Path(name), reserved)
 
-    async def _publish(self, digest: str, size: int) -> None:
-        # Called after the rename: the blob is now visible and counted.
+    async def _reserve(self, size: int) -> None:
+        """Count `size` more bytes of a fill against the cap, evicting to make room;
+        CacheFull (and nothing evicted) when it cannot fit."""
+        if size <= 0:
+            return
+        if size > self.max_size:
+            raise CacheFull(f"{size} bytes exceed the cache cap of {self.max_size}", never=True)
+        if self.used + size <= self.max_size:
+            self._filling += size
+            return
+        await self._evict(incoming=size, reserve=True)
+
+    def _release(self, size: int) -> None:
+        self._filling -= size
+
+    def _publish(self, digest: str, size: int, reserved: int) -> None:
+        # Called at once after the rename (no await between): the blob is now visible,
+        # its reservation becomes it.
         old = self._index.pop(digest, None)
         if old is not None:
+            # The rename replaced the old file: its bytes left the disk.
             self._total -= old.size
         self._index[digest] = _Entry(size, time.monotonic())
         self._total += size
-        await self.gc()
+        self._filling -= reserved
 
     async def _wait_removal(self, digest: str) -> None:
         # An eviction of this digest may still be unlinking its old file; a rename before
@@ -380,10 +455,14 @@ class FilesystemBlobStore:
     async def _remove(self, victims: list[tuple[str, int]]) -> None:
         events = {digest: asyncio.Event() for digest, _ in victims}
         self._removing.update(events)
+        # Still on disk until unlinked: counted, so no reservation takes the space early.
+        removing = sum(size for _, size in victims)
+        self._unlinking += removing
         try:
             paths = [self.blob_path(digest) for digest, _ in victims]
             await asyncio.to_thread(_unlink_all, paths)
         finally:
+            self._unlinking -= removing
             for digest, event in events.items():
                 del self._removing[digest]
                 event.set()
@@ -392,27 +471,39 @@ class FilesystemBlobStore:
         entry = self._forget(digest)
         if entry is None:
             return False
+        if digest in self._leases:
+            # Unlinked, but a holder may have it open: its bytes stay until the lease ends.
+            self._removed_open[digest] = self._removed_open.get(digest, 0) + entry.size
         await self._remove([(digest, entry.size)])
         return True
 
     async def gc(self) -> list[tuple[str, int]]:
         return await self._evict(incoming=0)
 
-    async def _evict(self, incoming: int) -> list[tuple[str, int]]:
-        """Evict least-recently-used blobs until `incoming` more bytes fit under the cap."""
+    async def _evict(self, incoming: int, *, reserve: bool = False) -> list[tuple[str, int]]:
+        """Evict least-recently-used blobs until `incoming` more bytes fit under the cap.
+
+        With `reserve`, all or nothing: the bytes are reserved for a fill once room is
+        made, and CacheFull is raised, evicting nothing, when eviction cannot make room.
+        """
         async with self._gc_lock:
-            if self._total + incoming <= self.max_size:
-                return []
-            protected = frozenset(self._protected()) if self._protected else frozenset()
-            excess = self._total + incoming - self.max_size
+            excess = self.used + incoming - self.max_size
             victims: list[tuple[str, int]] = []
-            for digest, entry in self._index.items():
-                if excess <= 0:
-                    break
-                if digest in self._leases or digest in protected:
-                    continue
-                victims.append((digest, entry.size))
-                excess -= entry.size
+            if excess > 0:
+                protected = frozenset(self._protected()) if self._protected else frozenset()
+                for digest, entry in self._index.items():
+                    if excess <= 0:
+                        break
+                    if digest in self._leases or digest in protected:
+                        continue
+                    victims.append((digest, entry.size))
+                    excess -= entry.size
+                if excess > 0 and reserve:
+                    raise CacheFull(
+                        f"no room for {incoming} bytes: the rest of the cache is in use"
+                    )
+            if reserve:
+                self._filling += incoming
             for digest, _ in victims:
                 self._forget(digest)
             if victims:
@@ -456,8 +547,10 @@ class _FilesystemBlobWriter:
         hexpart: str,
         fd: int,
         path: Path,
+        reserved: int,
     ) -> None:
         self._store = store
+        self._reserved = reserved
         self._digest = digest
         self._hexpart = hexpart
         self._hash = hashlib.new(algorithm)
@@ -478,6 +571,11 @@ class _FilesystemBlobWriter:
     async def write(self, chunk: bytes) -> None:
         if self._finished:
             raise ValueError("write after commit or abort")
+        beyond = self._written + len(chunk) - self._reserved
+        if beyond > 0:
+            # Size unknown (or exceeded): reserve as the bytes come, before writing them.
+            await self._store._reserve(beyond)
+            self._reserved += beyond
 
         def write(fd: int) -> None:
             view = memoryview(chunk)
@@ -518,9 +616,8 @@ class _FilesystemBlobWriter:
             )
         if on_verified is not None:
             on_verified()
-        # Room first, then the rename: the published blobs never exceed the cap, not even
-        # for the moment between a rename and the eviction it causes.
-        await self._store._evict(incoming=self._written)
+        # The room was reserved before the bytes were written: publishing only moves the
+        # reservation into the index.
         await self._store._wait_removal(self._digest)
         final = self._store.blob_path(self._digest)
         try:
@@ -529,16 +626,20 @@ class _FilesystemBlobWriter:
             await self.abort()
             raise
         self._finished = self._committed = True
+        self._store._publish(self._digest, self._written, self._reserved)
         await self._fd.close()
-        await self._store._publish(self._digest, self._written)
 
     async def abort(self) -> None:
         if self._finished:
             return
         self._finished = True
         await self._fd.close()
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(self._path.unlink)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(self._path.unlink)
+        finally:
+            # After the unlink: until then the bytes are on disk.
+            self._store._release(self._reserved)
 
 
 def _unlink_all(paths: list[Path]) -> None:
@@ -551,6 +652,16 @@ def _unlink_all(paths: list[Path]) -> None:
             # The index already forgot it; a file that cannot be removed is only wasted
             # space until the next start rescans (it was verified when published).
             log.error("cannot remove %s: %s", path, os.strerror(exc.errno or errno.EIO))
+
+
+def _tree_bytes(folder: Path) -> int:
+    """Bytes of the files directly in `folder` (ones vanishing meanwhile are skipped)."""
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def _file_matches(path: Path, digest: str) -> bool | None:

@@ -105,6 +105,11 @@ class CircuitBreaker:
         finally:
             attempt.release()
 
+    def record_failure(self) -> None:
+        """A failure seen across several requests rather than in one attempt (a deadline
+        over a whole manifest fetch, whose cut-off requests only saw a cancellation)."""
+        self._settle(Attempt(self), False)
+
     def _admit(self) -> Attempt:
         if self.state == CircuitState.OPEN:
             if self._clock() - self._opened_at < self.cooldown:

@@ -207,7 +207,10 @@ class Metrics:
         )
         self.cache_bytes = Gauge(
             "registry_gate_cache_bytes",
-            "Bytes of content stored in the cache.",
+            "Blob bytes on the cache disk by state (published, filling: reserved by fills in "
+            "progress, removed_open: removed but not yet gone); their sum is what "
+            "storage.max_size bounds.",
+            ["state"],
             registry=registry,
         )
         self.cache_evictions = Counter(
@@ -238,7 +241,16 @@ class Metrics:
         )
         self.inflight_fills = Gauge(
             "registry_gate_inflight_fills",
-            "Cache fills from upstream in progress (one per digest however many readers).",
+            "Blob transfers from an upstream in progress: cache fills (one per digest however "
+            "many readers) and relays of blobs the cache had no room for.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.stale_served = Counter(
+            "registry_gate_stale_served_total",
+            "Cached answers served stale because their upstream failed, by upstream and kind "
+            "(tag).",
+            ["upstream", "kind"],
             registry=registry,
         )
 
@@ -341,6 +353,12 @@ class Metrics:
     def observe_token_failure(self, upstream: str, reason: str) -> None:
         """Count one failed token fetch (`reason` is one of a fixed set, see upstream.py)."""
         self.upstream_token_failures.labels(upstream, reason).inc()
+
+    def observe_cache_usage(self, published: int, filling: int, removed_open: int) -> None:
+        """Publish the blob cache's disk use by state (read at each scrape)."""
+        self.cache_bytes.labels("published").set(published)
+        self.cache_bytes.labels("filling").set(filling)
+        self.cache_bytes.labels("removed_open").set(removed_open)
 
     def set_circuit_state(self, upstream: str, state: CircuitState) -> None:
         """Publish an upstream's circuit breaker state."""

@@ -224,7 +224,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request["principal"] = ANONYMOUS
     if authenticator is None or not request.path.startswith("/v2"):
         return await handler(request)
-    realm = services.settings.auth.realm or f"{request.scheme}://{request.host}/token"
+    realm = services.settings.token_realm(request.scheme, request.host)
     name, scope, action = _scope_for(request)
     verified = await authenticator.verify_request(request.headers, realm, scope)
     # Known before any refusal, so a refused request's audit record names who asked.

@@ -112,6 +112,10 @@ async def cache_command(settings: Settings, command: str, *, remove: bool) -> in
                         "path": str(storage.path),
                         "blobs": blob_stats.count,
                         "blob_bytes": blob_stats.bytes,
+                        # Fills of the running gate so far (its reservations and blobs
+                        # removed while open are in its registry_gate_cache_bytes).
+                        "filling_bytes": blob_stats.filling,
+                        "used_bytes": blob_stats.used,
                         "max_size": blob_stats.max_size,
                         "manifests": manifest_stats.count,
                         "manifest_bytes": manifest_stats.bytes,

@@ -88,8 +88,9 @@ async def metrics(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     cache = services.pull.open_cache
     if cache is not None:
-        # The blob store keeps its running total; publish it as the scrape reads it.
-        services.metrics.cache_bytes.set((await cache.blobs.stats()).bytes)
+        # The blob store keeps its running totals; publish them as the scrape reads them.
+        usage = await cache.blobs.stats()
+        services.metrics.observe_cache_usage(usage.bytes, usage.filling, usage.removed_open)
     body, content_type = services.metrics.render(request.headers.get("Accept"))
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type

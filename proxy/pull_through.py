@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from cachetools import LRUCache
 from multidict import CIMultiDict
 
@@ -38,7 +40,7 @@ from proxy.manifest_checks import MAX_MANIFEST_SIZE, ManifestInfo, digest_of, in
 from proxy.metrics import Metrics
 from proxy.references import Repository, is_digest, validate_digest
 from proxy.settings import TagListSettings
-from proxy.singleflight import StreamedBlob, UpstreamBlob
+from proxy.singleflight import RelayedBlob, StreamedBlob, UpstreamBlob
 from proxy.tag_lists import TagListFetcher
 from proxy.upstream import UpstreamClient, read_capped
 
@@ -98,7 +100,6 @@ class PullThrough:
         self._cache = cache
         self.metrics = metrics
         self.revalidate_grace = revalidate_grace
-        self.fill_upstreams: dict[str, str] = {}
         self._inspected: LRUCache[str, ManifestInfo] = LRUCache(maxsize=4096)
         self._tag_lists = TagListFetcher(tag_lists or TagListSettings())
         self._revalidations: Coalescer[tuple[Repository, str], ManifestResult] = Coalescer(
@@ -141,9 +142,9 @@ class PullThrough:
         if self.metrics is not None:
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(kind).inc()
 
-    def fill_finished(self, digest: str, outcome: str, received: int) -> None:
-        """Fill observer: count failed fills against the upstream that caused them."""
-        upstream = self.fill_upstreams.pop(digest, "unknown")
+    def fill_finished(self, digest: str, upstream: str, outcome: str, received: int) -> None:
+        """Fill observer: count failed fills against the registry the request addressed
+        (also when its upstream never answered)."""
         if self.metrics is None or outcome == "ok":
             return
         if outcome == "digest_mismatch":
@@ -156,6 +157,14 @@ class PullThrough:
         self, repository: Repository, reference: str, accept: Sequence[str], *, head: bool
     ) -> ManifestResult:
         """A manifest by tag or digest: from cache when fresh, else upstream (and cached)."""
+        result = await self._manifest(repository, reference, accept, head=head)
+        if result.stale is not None and self.metrics is not None:
+            self.metrics.stale_served.labels(repository.registry, "tag").inc()
+        return result
+
+    async def _manifest(
+        self, repository: Repository, reference: str, accept: Sequence[str], *, head: bool
+    ) -> ManifestResult:
         if is_digest(reference):
             cached = await self._cached_manifest(repository, reference, accept)
             if cached is not None:
@@ -282,8 +291,21 @@ class PullThrough:
     async def _fetch_manifest(
         self, repository: Repository, reference: str, accept: Sequence[str], *, head: bool
     ) -> ManifestResult:
-        """Fetch a manifest (HEAD: only its digest/type/size) and verify it."""
+        """Fetch a manifest (HEAD: only its digest/type/size) and verify it, within the
+        upstream's `timeouts.total_manifest`."""
         client = self.client(repository)
+        async with client.manifest_deadline():
+            return await self._fetch_manifest_now(client, repository, reference, accept, head=head)
+
+    async def _fetch_manifest_now(
+        self,
+        client: UpstreamClient,
+        repository: Repository,
+        reference: str,
+        accept: Sequence[str],
+        *,
+        head: bool,
+    ) -> ManifestResult:
         path = f"/v2/{repository.path}/manifests/{reference}"
         headers = _accept_headers(accept)
         requested_digest = reference if is_digest(reference) else None
@@ -362,20 +384,36 @@ class PullThrough:
         self._count("blob", path is not None)
         return path
 
+    def file_response(self, digest: str, path: Path, headers: dict[str, str]) -> web.FileResponse:
+        """The response sending a cached blob's file; the blob is leased while it is sent,
+        so eviction cannot unlink a file still being read (its bytes would stay on disk,
+        uncounted, until the send ended)."""
+        return _LeasedFileResponse(self.cache.blobs.lease(digest), path, headers=headers)
+
     @asynccontextmanager
-    async def blob_stream(self, repository: Repository, digest: str) -> AsyncIterator[StreamedBlob]:
-        """The blob from the single-flight fill (joined or started), for a cache miss."""
+    async def blob_stream(
+        self, repository: Repository, digest: str
+    ) -> AsyncIterator[StreamedBlob | RelayedBlob]:
+        """The blob from the single-flight fill (joined or started), for a cache miss; or
+        relayed uncached when the cache has no room for it."""
+        upstream = repository.registry
 
         @asynccontextmanager
         async def open_upstream() -> AsyncIterator[UpstreamBlob]:
-            response = await self._upstream_blob(repository, digest, "GET")
-            self.fill_upstreams[digest] = repository.registry
+            inflight = self.metrics.inflight_fills.labels(upstream) if self.metrics else None
+            if inflight is not None:
+                inflight.inc()
             try:
-                yield UpstreamBlob(response.content_length, _relay(response, repository.registry))
+                response = await self._upstream_blob(repository, digest, "GET")
+                try:
+                    yield UpstreamBlob(response.content_length, _relay(response, upstream))
+                finally:
+                    response.release()
             finally:
-                response.release()
+                if inflight is not None:
+                    inflight.dec()
 
-        async with self.cache.fills.stream(digest, open_upstream) as blob:
+        async with self.cache.fills.stream(digest, open_upstream, upstream=upstream) as blob:
             yield blob
         await self.cache.record(repository, (digest,))
 
@@ -459,13 +497,15 @@ class PullThrough:
 
     async def exists(self, repository: Repository, reference: str) -> bool:
         """Whether the upstream has a manifest (HEAD); False only on 404, else raises."""
-        return await self.client(repository).probe(
-            "HEAD",
-            f"/v2/{repository.path}/manifests/{reference}",
-            kind="manifest",
-            repository=repository.path,
-            headers=_accept_headers(PROBE_ACCEPT),
-        )
+        client = self.client(repository)
+        async with client.manifest_deadline():
+            return await client.probe(
+                "HEAD",
+                f"/v2/{repository.path}/manifests/{reference}",
+                kind="manifest",
+                repository=repository.path,
+                headers=_accept_headers(PROBE_ACCEPT),
+            )
 
 
 def _valid_digest(digest: str) -> bool:
@@ -474,6 +514,24 @@ def _valid_digest(digest: str) -> bool:
     except Exception:
         return False
     return True
+
+
+class _LeasedFileResponse(web.FileResponse):
+    """A `FileResponse` holding a blob store lease while it sends (aiohttp sends the whole
+    file within `prepare`)."""
+
+    def __init__(
+        self,
+        lease: AbstractAsyncContextManager[None],
+        path: Path,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(path, headers=headers)
+        self._lease = lease
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        async with self._lease:
+            return await super().prepare(request)
 
 
 async def _relay(response: aiohttp.ClientResponse, upstream: str) -> AsyncIterator[bytes]:

@@ -176,7 +176,7 @@ async def _blob(
         # with sendfile, Range included.
         parse_range(range_header, path.stat().st_size)
         services.metrics.served_bytes.labels("cache").inc(path.stat().st_size)
-        return web.FileResponse(path, headers=headers)
+        return pull.file_response(digest, path, headers)
     async with pull.blob_stream(repository, digest) as blob:
         status = 200
         if blob.size is not None:

@@ -357,7 +357,11 @@ class Settings(_Strict):
     """The whole gate configuration (gate.yaml)."""
 
     listen: str = "127.0.0.1:5000"
-    public_url: str | None = None
+    public_url: str | None = Field(
+        default=None,
+        description="the URL clients reach the gate at (behind a TLS-terminating proxy); "
+        "the default token realm is built from it",
+    )
     tls: TlsSettings | None = None
     storage: StorageSettings = StorageSettings()
     tag_lists: TagListSettings = TagListSettings()
@@ -396,6 +400,28 @@ class Settings(_Strict):
     def _listen(cls, value: str) -> str:
         host_port(value)
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must not carry credentials, a query or a fragment")
+        if parts.path not in ("", "/"):
+            raise ValueError("must not carry a path (the registry API lives at /v2/)")
+        return value.rstrip("/")
+
+    def token_realm(self, scheme: str, host: str) -> str:
+        """The realm announced in challenges: `auth.realm`, else `<public_url>/token`, else
+        built from how this request reached the gate (scheme and Host header)."""
+        if self.auth.realm:
+            return self.auth.realm
+        base = self.public_url or f"{scheme}://{host}"
+        return f"{base}/token"
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -13,17 +13,26 @@ figure) from the end of what was written: a corrupted or truncated transfer fail
 reader before it has the whole length, so each client's response ends short of its
 `Content-Length` and the client rejects it instead of storing bad bytes. A failed fill
 fails every reader waiting on it (security.md 14) and publishes nothing.
+
+A fill reserves the blob's announced length under the cache cap before writing. When the
+cache has no room for it (everything else is leased, pinned or being filled, or the blob
+is larger than the cap), nothing is cached: each reader relays the blob from its own
+upstream request (`RelayedBlob`), hashed as it streams, with the same withheld tail, so a
+client still gets verified bytes or a body that ends short.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from proxy.blobstore import BlobReader, BlobStore, BlobWriter
+from cachetools import LRUCache
+
+from proxy.blobstore import BlobReader, BlobStore, BlobWriter, CacheFull
 from proxy.errors import DigestInvalid, RegistryError, ServiceUnavailable, UpstreamUnavailable
 from proxy.ranges import unsatisfiable
 
@@ -48,17 +57,21 @@ class UpstreamBlob:
 # UpstreamUnavailable...) for an upstream that did not answer with the blob.
 OpenUpstream = Callable[[], contextlib.AbstractAsyncContextManager[UpstreamBlob]]
 
-# (digest, outcome, bytes received); outcome is "ok", "digest_mismatch", "failed" or
-# "cancelled".
-FillObserver = Callable[[str, str, int], None]
+# (digest, upstream, outcome, bytes received); `upstream` is the label the fill was
+# started with; outcome is "ok", "digest_mismatch", "failed", "no_room" (not cached: the
+# cache had no room, readers relay) or "cancelled".
+FillObserver = Callable[[str, str, str, int], None]
 
 
 class _Fill:
     """The shared state of one fill, read by its streams."""
 
-    def __init__(self, digest: str, tail_hold: int) -> None:
+    def __init__(self, digest: str, tail_hold: int, upstream: str) -> None:
         self.digest = digest
         self.tail_hold = tail_hold
+        self.upstream = upstream
+        # The cache had no room: readers relay from their own upstream request instead.
+        self.no_room = False
         self.writer: BlobWriter | None = None
         self.size: int | None = None
         self.written = 0
@@ -196,6 +209,113 @@ class StreamedBlob:
         await self._reader.aclose()
 
 
+class RelayedBlob:
+    """A blob the cache had no room for, relayed from one upstream response to one client.
+
+    Same interface as `StreamedBlob`. Every byte of the blob is hashed (also those before
+    `offset`, which are read and dropped); until the digest verified, the last `tail_hold`
+    bytes received are withheld, so bad content ends short as it does for a fill.
+    """
+
+    cached = False
+
+    def __init__(
+        self,
+        digest: str,
+        upstream: UpstreamBlob,
+        release: contextlib.AsyncExitStack,
+        *,
+        offset: int,
+        length: int | None,
+        tail_hold: int,
+    ) -> None:
+        self.size = upstream.size
+        self._digest = digest
+        self._chunks = upstream.chunks
+        self._release = release
+        self._tail_hold = tail_hold
+        algorithm = digest.split(":", 1)[0]
+        self._hash = hashlib.new(algorithm)
+        self._received = 0  # upstream bytes read so far
+        self._pending = bytearray()  # selected bytes received but not yet handed out
+        self._pending_at = 0  # blob offset of _pending[0]
+        self._verified = False
+        self._started = False
+        self.offset = offset
+        self._end: int | None = None
+        self.narrow(offset, length)
+
+    def narrow(self, offset: int, length: int | None = None) -> None:
+        """As `StreamedBlob.narrow`."""
+        if self._started:
+            raise RuntimeError("narrow() after iteration began")
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        if self.size is not None:
+            _check_offset(offset, self.size)
+        self.offset = self._pending_at = offset
+        self._end = None if length is None else offset + length
+        if self.size is not None:
+            self._end = self.size if self._end is None else min(self._end, self.size)
+
+    @property
+    def length(self) -> int | None:
+        """How many bytes this stream yields in all, when known."""
+        return None if self._end is None else self._end - self.offset
+
+    def __aiter__(self) -> RelayedBlob:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._started = True
+        while True:
+            releasable = self._received if self._verified else self._received - self._tail_hold
+            if self._end is not None:
+                releasable = min(releasable, self._end)
+            count = releasable - self._pending_at
+            # Hand out sizeable pieces, except the last ones of the range or the blob.
+            whole = count >= READ_CHUNK // 4 or releasable == self._end
+            if count > 0 and (whole or self._verified):
+                data = bytes(self._pending[:count])
+                del self._pending[:count]
+                self._pending_at += count
+                return data
+            if self._verified or (self._end is not None and self._pending_at >= self._end):
+                raise StopAsyncIteration
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                self._finish()
+                continue
+            self._take(chunk)
+
+    def _take(self, chunk: bytes) -> None:
+        start = self._received
+        self._received += len(chunk)
+        if self.size is not None and self._received > self.size:
+            raise _mismatch(self._digest, "upstream sent more than its Content-Length")
+        self._hash.update(chunk)
+        # Keep only the part inside the selected range.
+        low = max(start, self._pending_at + len(self._pending))
+        high = self._received if self._end is None else min(self._received, self._end)
+        if high > low:
+            self._pending += chunk[low - start : high - start]
+
+    def _finish(self) -> None:
+        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if actual != self._digest or (self.size is not None and self._received != self.size):
+            raise _mismatch(self._digest, "upstream sent content that does not match its digest")
+        self._verified = True
+
+    async def aclose(self) -> None:
+        await self._release.aclose()
+
+
+def _mismatch(digest: str, message: str) -> RegistryError:
+    log.warning("relayed upstream content for %s does not match its digest", digest)
+    return UpstreamUnavailable(message, detail={"digest": digest})
+
+
 class FillCoordinator:
     """Coalesces concurrent misses of one digest into one upstream fill."""
 
@@ -215,10 +335,13 @@ class FillCoordinator:
         self._observer = on_fill_finished
         self._fills: dict[str, _Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Digests larger than the whole cap: relayed at once, without a fill that would
+        # open the upstream only to find no room.
+        self._never_fit: LRUCache[str, bool] = LRUCache(maxsize=1024)
 
     @property
     def in_flight(self) -> int:
-        """Fills running now (a gauge for metrics)."""
+        """Fills running now."""
         return len(self._fills)
 
     @contextlib.asynccontextmanager
@@ -229,7 +352,8 @@ class FillCoordinator:
         *,
         offset: int = 0,
         length: int | None = None,
-    ) -> AsyncIterator[StreamedBlob]:
+        upstream: str = "unknown",
+    ) -> AsyncIterator[StreamedBlob | RelayedBlob]:
         """The blob from `offset` (at most `length` bytes): cached, or joining or starting
         the fill of `digest` with `open_upstream`.
 
@@ -237,20 +361,26 @@ class FillCoordinator:
         length); errors before that (BlobUnknown, Denied, UpstreamUnavailable...) are
         raised here, before any response is started. The caller must already know that
         the requesting repository holds `digest` (RepositoryIndex or upstream): a fill
-        started for another repository is shared.
+        started for another repository is shared. `upstream` labels the fill for the
+        observer (the registry the request addressed).
         """
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length must not be negative")
         async with self._store.lease(digest):
-            blob = await self._attach(digest, open_upstream, offset, length)
+            blob = await self._attach(digest, open_upstream, offset, length, upstream)
             try:
                 yield blob
             finally:
                 await blob.aclose()
 
     async def _attach(
-        self, digest: str, open_upstream: OpenUpstream, offset: int, length: int | None
-    ) -> StreamedBlob:
+        self,
+        digest: str,
+        open_upstream: OpenUpstream,
+        offset: int,
+        length: int | None,
+        upstream: str,
+    ) -> StreamedBlob | RelayedBlob:
         fill = self._fills.get(digest)
         if fill is None or fill.committed:
             size = await self._store.stat(digest)
@@ -259,12 +389,16 @@ class FillCoordinator:
                 reader = await self._store.open_reader(digest)
                 if reader is not None:
                     return self._streamed(reader, size, offset, length, None)
+            if digest in self._never_fit:
+                return await self._relay(digest, open_upstream, offset, length)
             # The awaits above let another request start a fill meanwhile.
             fill = self._fills.get(digest)
             if fill is None or fill.committed:
-                fill = self._start(digest, open_upstream)
+                fill = self._start(digest, open_upstream, upstream)
         while not fill.opened and fill.error is None:
             await fill.changed()
+        if fill.no_room:
+            return await self._relay(digest, open_upstream, offset, length)
         if fill.error is not None:
             raise fill.failure()
         assert fill.writer is not None
@@ -293,8 +427,26 @@ class FillCoordinator:
             reader, size=size, offset=offset, length=length, fill=fill, chunk_size=self._chunk
         )
 
-    def _start(self, digest: str, open_upstream: OpenUpstream) -> _Fill:
-        fill = _Fill(digest, self._tail_hold)
+    async def _relay(
+        self, digest: str, open_upstream: OpenUpstream, offset: int, length: int | None
+    ) -> RelayedBlob:
+        """This reader's own upstream transfer of a blob the cache has no room for."""
+        async with contextlib.AsyncExitStack() as stack:
+            upstream = await stack.enter_async_context(open_upstream())
+            limit = self._max_blob_size
+            if upstream.size is not None and limit is not None and upstream.size > limit:
+                raise UpstreamUnavailable(
+                    "blob is larger than the gate may relay", detail={"size": upstream.size}
+                )
+            if upstream.size is not None:
+                _check_offset(offset, upstream.size)
+            release = stack.pop_all()
+        return RelayedBlob(
+            digest, upstream, release, offset=offset, length=length, tail_hold=self._tail_hold
+        )
+
+    def _start(self, digest: str, open_upstream: OpenUpstream, upstream: str) -> _Fill:
+        fill = _Fill(digest, self._tail_hold, upstream)
         self._fills[digest] = fill
         task = asyncio.create_task(self._run(fill, open_upstream), name=f"fill {digest}")
         self._tasks.add(task)
@@ -311,6 +463,15 @@ class FillCoordinator:
                 outcome = "cancelled"
                 fill.error = ServiceUnavailable("the gate is shutting down")
             raise
+        except CacheFull as exc:
+            # Readers that have not started relay on their own; one already reading a
+            # fill that outgrew its room (no announced length) ends short.
+            log.warning("not caching %s: %s", fill.digest, exc)
+            if exc.never:
+                self._never_fit[fill.digest] = True
+            fill.error = ServiceUnavailable("the cache has no room for this blob; retry")
+            fill.error.__cause__ = exc
+            outcome = "no_room"
         except Exception as exc:
             if fill.committed:
                 # Only releasing the upstream response failed; the blob is published.
@@ -322,7 +483,7 @@ class FillCoordinator:
                 del self._fills[fill.digest]
             fill.notify()
             if self._observer is not None:
-                self._observer(fill.digest, outcome, fill.written)
+                self._observer(fill.digest, fill.upstream, outcome, fill.written)
 
     async def _copy(self, fill: _Fill, open_upstream: OpenUpstream) -> None:
         async with open_upstream() as upstream:
@@ -332,8 +493,13 @@ class FillCoordinator:
                 raise UpstreamUnavailable(
                     "blob is larger than the cache may hold", detail={"size": size}
                 )
-            with _storing():
-                writer = await self._store.begin_fill(fill.digest)
+            try:
+                with _storing():
+                    # Reserves the announced length under the cap before any byte lands.
+                    writer = await self._store.begin_fill(fill.digest, size)
+            except CacheFull:
+                fill.no_room = True
+                raise
             try:
                 fill.writer, fill.size, fill.opened = writer, size, True
                 fill.notify()

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -566,6 +567,22 @@ class UpstreamClient:
         raise UpstreamUnavailable(
             f"upstream {self.name} redirected more than {MAX_REDIRECTS} times"
         )
+
+    @contextlib.asynccontextmanager
+    async def manifest_deadline(self) -> AsyncIterator[None]:
+        """`timeouts.total_manifest`: the most one manifest fetch may take, token fetch,
+        retries, redirects and body included (the per-read timeout alone lets an upstream
+        that drips bytes hold a pull forever). Past it: UpstreamTimeout, counted by the
+        circuit breaker like any timeout."""
+        seconds = self.settings.timeouts.total_manifest
+        try:
+            async with asyncio.timeout(seconds):
+                yield
+        except TimeoutError as exc:
+            self.breaker.record_failure()
+            raise UpstreamTimeout(
+                f"upstream {self.name} did not deliver a manifest within {seconds:g} s"
+            ) from exc
 
     async def probe(
         self,

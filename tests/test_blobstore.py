@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.blobstore import FilesystemBlobStore, StorageLocked
+from proxy.blobstore import CacheFull, FilesystemBlobStore, StorageLocked
 from proxy.errors import DigestInvalid
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def sha(data: bytes) -> str:
 
 async def put(store: FilesystemBlobStore, data: bytes) -> str:
     digest = sha(data)
-    writer = await store.begin_fill(digest)
+    writer = await store.begin_fill(digest, len(data))
     await writer.write(data)
     await writer.commit(len(data))
     return digest
@@ -214,14 +214,15 @@ async def test_never_evicts_leased_or_protected_blobs(tmp_path: Path) -> None:
     b = await put(store, b"b" * 1000)
     pinned.add(a)
     async with store.lease(b):
-        c = await put(store, b"c" * 1000)
-        # Everything else is leased or pinned: the newcomer itself is the only candidate.
+        # Everything else is leased or pinned: the newcomer is refused before it writes.
+        with pytest.raises(CacheFull):
+            await put(store, b"c" * 1000)
         assert await store.stat(a) == 1000
         assert await store.stat(b) == 1000
-        assert await store.stat(c) is None
-
-        d = await put(store, b"d" * 3000)  # larger than the cap, and nothing may go
-        assert await store.stat(d) is None
+        with pytest.raises(CacheFull):
+            await put(store, b"d" * 3000)  # larger than the cap
+        assert list((tmp_path / "tmp").iterdir()) == []
+        assert (await store.stats()).used == 2000
     e = await put(store, b"e" * 500)
     assert await store.stat(b) is None  # the lease ended: b is least recently used
     assert await store.stat(a) == 1000
@@ -237,9 +238,9 @@ async def test_fill_in_progress_is_not_evicted(tmp_path: Path) -> None:
         writer = await store.begin_fill(sha(data))
         await writer.write(data)
         await writer.commit(len(data))
-        other = await put(store, b"o" * 600)
+        with pytest.raises(CacheFull):
+            await put(store, b"o" * 600)
         assert await store.stat(sha(data)) == 1000
-        assert await store.stat(other) is None
     await store.close()
 
 
@@ -297,3 +298,80 @@ async def test_eviction_hook_may_be_a_coroutine(tmp_path: Path) -> None:
     await put(store, b"2" * 1000)
     assert forgotten == [first]
     await store.close()
+
+
+async def test_a_fill_reserves_its_size_before_writing(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path, max_size=3000)
+    await store.open()
+    old = await put(store, b"1" * 1000)
+    kept = await put(store, b"2" * 1000)
+    data = b"3" * 1500
+    writer = await store.begin_fill(sha(data), len(data))
+    # Room is made at once (the least recently used goes), before the first byte lands.
+    assert await store.stat(old) is None and not store.blob_path(old).exists()
+    stats = await store.stats()
+    assert (stats.bytes, stats.filling, stats.used) == (1000, 1500, 2500)
+    # A second fill cannot take the reserved room: only `kept` may go for it.
+    async with store.lease(kept):
+        with pytest.raises(CacheFull):
+            await store.begin_fill(sha(b"4" * 600), 600)
+    assert await store.stat(kept) == 1000
+    await writer.write(data)
+    await writer.commit(len(data))
+    stats = await store.stats()
+    assert (stats.bytes, stats.filling, stats.used) == (2500, 0, 2500)
+    await store.close()
+
+
+async def test_a_fill_of_unknown_size_reserves_as_it_writes(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path, max_size=2000)
+    await store.open()
+    held = await put(store, b"h" * 1000)
+    data = b"u" * 1500
+    writer = await store.begin_fill(sha(data))
+    await writer.write(data[:900])
+    assert (await store.stats()).filling == 900
+    async with store.lease(held):
+        with pytest.raises(CacheFull):
+            await writer.write(data[900:])
+    assert (await store.stats()).used == 1900
+    await writer.abort()
+    stats = await store.stats()
+    assert (stats.filling, stats.used) == (0, 1000)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    await store.close()
+
+
+async def test_a_blob_deleted_while_leased_counts_until_the_lease_ends(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path, max_size=2000)
+    await store.open()
+    digest = await put(store, b"d" * 1000)
+    async with store.lease(digest):
+        reader = await store.open_reader(digest)
+        assert reader is not None
+        assert await store.delete(digest)
+        stats = await store.stats()
+        # Unlinked, but a reader holds it open: still on the disk, still counted.
+        assert (stats.bytes, stats.removed_open, stats.used) == (0, 1000, 1000)
+        with pytest.raises(CacheFull):
+            await store.begin_fill(sha(b"n" * 1500), 1500)
+        assert await reader.read_at(0, 4) == b"dddd"
+        await reader.aclose()
+    stats = await store.stats()
+    assert (stats.removed_open, stats.used) == (0, 0)
+    await put(store, b"n" * 1500)
+    await store.close()
+
+
+async def test_stats_beside_a_running_gate_count_its_fills(tmp_path: Path) -> None:
+    gate = FilesystemBlobStore(tmp_path, max_size=10_000)
+    await gate.open()
+    await put(gate, b"p" * 1000)
+    writer = await gate.begin_fill(sha(b"f" * 3000), 3000)
+    await writer.write(b"f" * 700)
+    beside = FilesystemBlobStore(tmp_path, max_size=10_000)
+    await beside.open(exclusive=False)
+    stats = await beside.stats()
+    assert (stats.bytes, stats.filling, stats.used) == (1000, 700, 1700)
+    await writer.abort()
+    await gate.close()

@@ -27,10 +27,11 @@ FAMILIES = {
     "registry_gate_digest_mismatches": ("counter", {"upstream"}),
     "registry_gate_cache_hits": ("counter", {"kind"}),
     "registry_gate_cache_misses": ("counter", {"kind"}),
-    "registry_gate_cache_bytes": ("gauge", set()),
+    "registry_gate_cache_bytes": ("gauge", {"state"}),
     "registry_gate_cache_evictions": ("counter", set()),
     "registry_gate_served_bytes": ("counter", {"source"}),
-    "registry_gate_inflight_fills": ("gauge", set()),
+    "registry_gate_inflight_fills": ("gauge", {"upstream"}),
+    "registry_gate_stale_served": ("counter", {"upstream", "kind"}),
     "registry_gate_policy_decisions": ("counter", {"action", "decision", "rule"}),
     "registry_gate_policy_reloads": ("counter", {"outcome"}),
     "registry_gate_shortname_resolutions": ("counter", {"outcome"}),
@@ -53,10 +54,11 @@ def exercised() -> Metrics:
     metrics.digest_mismatches.labels("quay.io").inc()
     metrics.cache_hits.labels("blob").inc()
     metrics.cache_misses.labels("manifest").inc()
-    metrics.cache_bytes.set(1024)
+    metrics.observe_cache_usage(1024, 512, 0)
     metrics.cache_evictions.inc()
     metrics.served_bytes.labels("cache").inc(512)
-    metrics.inflight_fills.inc()
+    metrics.inflight_fills.labels("docker.io").inc()
+    metrics.stale_served.labels("docker.io", "tag").inc()
     metrics.observe_decision("pull", "deny", None)
     metrics.policy_reloads.labels("failure").inc()
     metrics.shortname_resolutions.labels("alias").inc()

@@ -713,3 +713,33 @@ def test_relative_password_file_is_read_from_the_config_folder(
     }
     settings = load_settings(write(tmp_path / "conf", doc), {})
     assert settings.upstreams[0].password() == "from-config-dir"
+
+
+_ONE_UPSTREAM = {"upstreams": [{"registry": "docker.io", "url": "https://registry-1.docker.io"}]}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "registry.example.com",
+        "ftp://registry.example.com",
+        "https://u:p@r.example.com",
+        "https://r.example.com/sub",
+        "https://r.example.com/?x=1",
+    ],
+)
+def test_public_url_must_be_a_bare_http_url(tmp_path: Path, url: str) -> None:
+    assert "public_url" in error_of(tmp_path, with_(_ONE_UPSTREAM, public_url=url))
+
+
+def test_token_realm_prefers_auth_realm_then_public_url(tmp_path: Path) -> None:
+    plain = load(tmp_path, _ONE_UPSTREAM)
+    assert plain.token_realm("http", "10.0.0.5:5000") == "http://10.0.0.5:5000/token"
+    public = load(tmp_path, with_(_ONE_UPSTREAM, public_url="https://r.example.com/"))
+    assert public.token_realm("http", "10.0.0.5:5000") == "https://r.example.com/token"
+    realm = "https://auth.example.com/issue"
+    both = load(
+        tmp_path,
+        with_(_ONE_UPSTREAM, public_url="https://r.example.com", auth={"realm": realm}),
+    )
+    assert both.token_realm("http", "10.0.0.5:5000") == realm

@@ -328,7 +328,7 @@ async def test_bad_upstream_fails_every_reader_short_and_publishes_nothing(
     upstream = BAD_UPSTREAMS[case](data)
     outcomes: list[tuple[str, str, int]] = []
     coordinator = FillCoordinator(
-        store, on_fill_finished=lambda *args: outcomes.append((args[0], args[1], args[2]))
+        store, on_fill_finished=lambda *args: outcomes.append((args[0], args[2], args[3]))
     )
     counts: list[list[int]] = [[] for _ in range(20)]
     errors = await asyncio.gather(
@@ -413,7 +413,7 @@ async def test_close_fails_waiting_readers(
 
 
 class FullDiskStore(FilesystemBlobStore):
-    async def begin_fill(self, digest: str) -> BlobWriter:
+    async def begin_fill(self, digest: str, size: int | None = None) -> BlobWriter:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -426,5 +426,48 @@ async def test_storage_failure_is_not_blamed_on_the_upstream(tmp_path: Path) -> 
         await read_all(coordinator, sha(b"data"), upstream)
     assert type(raised.value) is RegistryError
     assert raised.value.status == 500
+    await coordinator.close()
+    await store.close()
+
+
+async def test_a_blob_the_cache_has_no_room_for_is_relayed_verified_and_not_cached(
+    tmp_path: Path,
+) -> None:
+    store = FilesystemBlobStore(tmp_path, max_size=SIZE // 2)
+    await store.open()
+    outcomes: list[tuple[str, str, str]] = []
+    coordinator = FillCoordinator(
+        store, on_fill_finished=lambda d, up, outcome, _n: outcomes.append((d, up, outcome))
+    )
+    data = os.urandom(SIZE)
+    digest = sha(data)
+    upstream = FakeUpstream(data)
+    results = await asyncio.gather(*(read_all(coordinator, digest, upstream) for _ in range(3)))
+    assert results == [data] * 3
+    ranged = await read_all(coordinator, digest, upstream, offset=1000, length=5000)
+    assert ranged == data[1000:6000]
+    assert await store.stat(digest) is None
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert (await store.stats()).used == 0
+    assert {outcome for _, _, outcome in outcomes} == {"no_room"}
+    assert upstream.opens == upstream.closed  # every relay released its upstream response
+    # One fill that found no room, three relays; then, the blob being larger than the
+    # whole cap, the ranged read relays at once.
+    assert upstream.opens == 5
+    await coordinator.close()
+    await store.close()
+
+
+async def test_a_relayed_blob_with_bad_content_ends_short(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path, max_size=1024)
+    await store.open()
+    coordinator = FillCoordinator(store)
+    data = os.urandom(SIZE)
+    upstream = FakeUpstream(data[:-1] + bytes([data[-1] ^ 1]))
+    received: list[int] = []
+    error = await read_until_error(coordinator, sha(data), upstream, received)
+    assert isinstance(error, UpstreamUnavailable)
+    assert sum(received) <= SIZE - TAIL_HOLD
+    assert upstream.opens == upstream.closed
     await coordinator.close()
     await store.close()
