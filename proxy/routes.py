@@ -8,8 +8,10 @@ over to the pull path.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from proxy.addressing import Target, V2Route, locate, parse_v2_path
 from proxy.errors import NameInvalid, NameUnknown, Unsupported
@@ -143,11 +145,13 @@ async def _blob(
     await pull.ensure_held(repository, digest)
     path = await pull.cached_blob(repository, digest)
     if path is not None:
-        # Validated here so a bad range gets the OCI 416; FileResponse serves the bytes
-        # with sendfile, Range included.
-        parse_range(range_header, path.stat().st_size)
+        # Parsed here so a bad range gets the OCI 416; FileResponse serves the bytes
+        # with sendfile, for the range parsed here (never its own reading of the header).
+        selected = parse_range(range_header, path.stat().st_size)
         services.metrics.served_bytes.labels("cache").inc(path.stat().st_size)
-        return web.FileResponse(path, headers=headers)
+        if range_header is None:
+            return web.FileResponse(path, headers=headers)
+        return _RangedFileResponse(path, selected, headers=headers)
     async with pull.blob_stream(repository, digest) as blob:
         status = 200
         if blob.size is not None:
@@ -173,6 +177,31 @@ async def _blob(
             return response
         await response.write_eof()
         return response
+
+
+class _RangedFileResponse(web.FileResponse):
+    """A cached blob sent with sendfile, for exactly the range `parse_range` chose.
+
+    aiohttp's FileResponse reads `Range` itself and disagrees with the gate on what to
+    ignore (`bytes=-`, multi-range, spaces, 5,000-digit numbers): it answers those with a
+    bodiless 416 where the gate serves the whole blob, as on a cache miss. So it is shown
+    a request whose `Range` is the gate's own reading. `If-Range` goes too: a blob is
+    content-addressed, so every validator for it still holds.
+    """
+
+    def __init__(
+        self, path: Path, selected: tuple[int, int] | None, headers: dict[str, str]
+    ) -> None:
+        super().__init__(path, headers=headers)
+        self._selected = selected
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        headers = request.headers.copy()
+        headers.popall("Range", None)
+        headers.popall("If-Range", None)
+        if self._selected is not None:
+            headers["Range"] = "bytes={}-{}".format(*self._selected)
+        return await super().prepare(request.clone(headers=headers))
 
 
 async def _tags(
