@@ -31,6 +31,7 @@ from proxy.manifest_checks import MAX_MANIFEST_SIZE, ManifestInfo, digest_of, in
 from proxy.metrics import Metrics
 from proxy.references import Repository, is_digest, validate_digest
 from proxy.singleflight import StreamedBlob, UpstreamBlob
+from proxy.tag_pages import parse_next_link
 from proxy.upstream import UpstreamClient, read_capped
 
 EMPTY_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -336,7 +337,7 @@ class PullThrough:
                     f"upstream {client.name} sent an invalid tag list"
                 ) from exc
             link = response_headers.get("Link", "")
-            next_query = _next_query(link)
+            next_query = parse_next_link(link)
             if next_query is None:
                 break
             query = next_query
@@ -397,19 +398,6 @@ def _valid_digest(digest: str) -> bool:
     except Exception:
         return False
     return True
-
-
-def _next_query(link: str) -> list[tuple[str, str]] | None:
-    if 'rel="next"' not in link or "<" not in link:
-        return None
-    target = link[link.index("<") + 1 : link.index(">")]
-    _, _, query = target.partition("?")
-    pairs: list[tuple[str, str]] = []
-    for part in query.split("&"):
-        key, _, value = part.partition("=")
-        if key:
-            pairs.append((key, value))
-    return pairs or None
 
 
 async def _relay(response: aiohttp.ClientResponse, upstream: str) -> AsyncIterator[bytes]:

@@ -8,7 +8,6 @@ Policy has already decided by the time anything here runs.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -17,12 +16,11 @@ from multidict import CIMultiDict
 
 from proxy.errors import ManifestTooLarge, RangeInvalid
 from proxy.manifest_checks import MAX_MANIFEST_SIZE
+from proxy.ranges import parse_chunk_range
 from proxy.references import Repository
 from proxy.upload_tokens import UploadSealer
 from proxy.upstream import Kind, UpstreamClient
 
-# A chunk's `Content-Range` on PATCH: inclusive offsets, no `bytes ` prefix.
-_CHUNK_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
 # Request headers relayed to the upstream on uploads and manifest PUTs.
 _FORWARDED_REQUEST_HEADERS = ("Content-Type", "Content-Length", "Content-Range")
 # Response headers relayed back to the client.
@@ -220,9 +218,7 @@ class Pusher:
         status (its `Range`) says where the next chunk must start. `0-0` means either
         nothing or one byte so far, so both starts are let through then.
         """
-        match = _CHUNK_RANGE.fullmatch(headers["Content-Range"].strip())
-        if match is None or int(match[1]) > int(match[2]):
-            raise RangeInvalid("Content-Range must be <start>-<end>")
+        start, _ = parse_chunk_range(headers["Content-Range"])
         status = await self._forward(
             "GET",
             repository,
@@ -232,14 +228,14 @@ class Pusher:
             actions=("pull", "push"),
             query=params,
         )
-        current = _CHUNK_RANGE.fullmatch(status.headers.get("Range", "").strip())
-        if current is None:
-            return
-        end = int(current[2])
+        try:
+            _, end = parse_chunk_range(status.headers.get("Range", ""))
+        except RangeInvalid:
+            return  # the upstream does not say where the upload ends: nothing to check
         allowed = (0, 1) if end == 0 else (end + 1,)
-        if int(match[1]) not in allowed:
+        if start not in allowed:
             raise RangeInvalid(
-                f"chunk out of order: it starts at {match[1]}, the upload's range is 0-{end}",
+                f"chunk out of order: it starts at {start}, the upload's range is 0-{end}",
                 headers={"Range": f"0-{end}"},
             )
 

@@ -34,7 +34,7 @@ from proxy.app import build_app
 from proxy.errors import RangeInvalid
 from proxy.ranges import parse_range
 from proxy.settings import Settings
-from tests.support.gate import standard_upstreams
+from tests.support.gate import policy_document, standard_upstreams
 from tests.support.images import MT_OCI_INDEX, MT_OCI_MANIFEST
 from tests.support.upstreams import Upstreams
 
@@ -44,6 +44,8 @@ PROPERTY_SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+# Examples that each start an upstream upload session: fewer.
+PROPERTIES_FEW = settings(PROPERTY_SETTINGS, max_examples=60)
 ACCEPT = ", ".join([MT_OCI_MANIFEST, MT_OCI_INDEX])
 SERVICE = "registry-gate"
 PASSWORD = "correct horse"
@@ -298,6 +300,37 @@ async def test_any_tag_list_request_is_answered_without_a_5xx(
         target = link.split(";", 1)[0].strip("<> ")
         async with app_client.get(URL(target, encoded=True)) as following:
             assert await answered(following, tracebacks) == 200
+
+
+@pytest_asyncio.fixture
+async def push_client(upstreams: Upstreams, tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
+    """A gate whose policy lets anyone push (so upload requests reach their parsers)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps(policy_document(["docker.io"], default="allow")))
+    config = base_config(upstreams, tmp_path)
+    config["policy"]["files"] = [str(policy)]
+    async with TestClient(TestServer(build_app(Settings.model_validate(config)))) as client:
+        yield client
+
+
+@PROPERTIES_FEW
+@given(
+    content_range=st.one_of(_HEADER_NUMBER, st.tuples(_HEADER_NUMBER, _HEADER_NUMBER).map("-".join))
+)
+async def test_any_chunk_content_range_is_answered_without_a_5xx(
+    push_client: TestClient[Any, Any], tracebacks: list[logging.LogRecord], content_range: str
+) -> None:
+    start = url_of(path_of("registry.corp.example/props/chunks", "blobs/uploads/"))
+    async with push_client.post(start) as response:
+        assert await answered(response, tracebacks) == 202
+        location = response.headers["Location"]
+    headers = {"Content-Range": content_range, "Content-Type": "application/octet-stream"}
+    async with push_client.patch(
+        URL(location, encoded=True), data=b"x", headers=headers
+    ) as response:
+        await answered(response, tracebacks)
+    async with push_client.delete(URL(location, encoded=True)) as response:
+        await answered(response, tracebacks)
 
 
 # -- token mode: Authorization headers, JWTs, scopes -----------------------------------------
