@@ -10,8 +10,6 @@ the OCI JSON error document, and nothing is logged with a traceback: never a 500
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -19,13 +17,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import jwt
 import pytest
 import pytest_asyncio
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
@@ -35,6 +32,7 @@ from proxy.errors import RangeInvalid
 from proxy.ranges import parse_range
 from proxy.settings import Settings
 from tests.support.gate import policy_document, standard_upstreams
+from tests.support.hostile_tokens import presented_tokens
 from tests.support.images import MT_OCI_INDEX, MT_OCI_MANIFEST
 from tests.support.upstreams import Upstreams
 
@@ -53,8 +51,6 @@ pytestmark = [
     # The gate keys request storage by strings; the real process shows this warning
     # once, but the suite's `filterwarnings = error` would turn it into a 500 here.
     pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),
-    # Hypothesis's failure report imports a deprecated name (seen under xfail).
-    pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict:DeprecationWarning"),
 ]
 
 # -- strategies ---------------------------------------------------------------------------
@@ -335,72 +331,8 @@ async def test_any_chunk_content_range_is_answered_without_a_5xx(
 
 # -- token mode: Authorization headers, JWTs, scopes -----------------------------------------
 
-_JSON_VALUE = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=6,
-)
-_CLAIMS = st.fixed_dictionaries(
-    {},
-    optional={
-        "iss": st.one_of(st.just("registry-gate"), _JSON_VALUE),
-        "aud": st.one_of(st.just(SERVICE), _JSON_VALUE),
-        "sub": _JSON_VALUE,
-        "exp": st.one_of(st.integers(), _JSON_VALUE),
-        "nbf": st.one_of(st.integers(), _JSON_VALUE),
-        "iat": _JSON_VALUE,
-        "access": _JSON_VALUE,
-        "groups": _JSON_VALUE,
-    },
-)
-_HEADERS = st.fixed_dictionaries(
-    {},
-    optional={
-        "kid": _JSON_VALUE,
-        "crit": _JSON_VALUE,
-        "jwk": _JSON_VALUE,
-        "typ": _JSON_VALUE,
-        "alg": st.sampled_from(["none", "HS256", "RS256", "ES256", "x", ""]),
-    },
-)
-
-
-FOREIGN_KEY = ec.generate_private_key(ec.SECP256R1())
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-@st.composite
-def presented_tokens(draw: st.DrawFn) -> str:
-    """A JWT an attacker could build: any header and claims (written by hand, so claims
-    PyJWT would refuse to encode get through), signed by nobody, with a guessable HMAC
-    secret or with garbage; a well-formed token signed by a foreign key; or bytes that
-    only look like a token."""
-    how = draw(st.sampled_from(["none", "hmac", "garbage-signature", "foreign", "garbage"]))
-    if how == "garbage":
-        return draw(st.text(alphabet="abcXYZ019-_.=", max_size=120))
-    if how == "foreign":
-        claims = {"iss": "registry-gate", "aud": SERVICE, "exp": 4_000_000_000, "sub": "alice"}
-        return jwt.encode(claims, FOREIGN_KEY, algorithm="ES256", headers={"kid": draw(st.text())})
-    header = {"alg": {"none": "none", "hmac": "HS256"}.get(how, "RS256"), **draw(_HEADERS)}
-    signing_input = ".".join(
-        b64url(json.dumps(part, default=str).encode()) for part in (header, draw(_CLAIMS))
-    )
-    if how == "none":
-        signature = b""
-    elif how == "hmac":
-        signature = hmac.new(b"secret" * 6, signing_input.encode(), hashlib.sha256).digest()
-    else:
-        signature = draw(st.binary(max_size=300))
-    return f"{signing_input}.{b64url(signature)}"
-
-
 _AUTHORIZATION = st.one_of(
-    presented_tokens().map(lambda t: f"Bearer {t}"),
+    presented_tokens(["registry-gate"], SERVICE).map(lambda t: f"Bearer {t}"),
     st.tuples(st.sampled_from(["Bearer", "bearer", "Basic", "Digest", ""]), _HEADER_TEXT).map(
         " ".join
     ),
@@ -435,7 +367,7 @@ async def test_any_credential_at_the_token_endpoint_is_a_401_or_a_token(
 
 
 @PROPERTY_SETTINGS
-@given(token=presented_tokens())
+@given(token=presented_tokens(["registry-gate"], SERVICE))
 async def test_any_refresh_token_is_a_401_or_a_token(
     token_client: TestClient[Any, Any], tracebacks: list[logging.LogRecord], token: str
 ) -> None:
