@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from proxy.challenge import Scope, parse_scopes
+from proxy.challenge import Scope, format_challenge, parse_scopes
 from proxy.credentials import UserDirectory
 from proxy.errors import Unauthorized
 from proxy.login_limits import LoginLimiter, user_key
@@ -119,12 +119,12 @@ class Authenticator:
 
     def challenge(self, realm: str, scope: str | None, error: str | None = None) -> str:
         """The `WWW-Authenticate` value for a 401."""
-        parts = [f'realm="{realm}"', f'service="{self.service}"']
+        params = {"realm": realm, "service": self.service}
         if scope:
-            parts.append(f'scope="{scope}"')
+            params["scope"] = scope  # carries the client's name: format_challenge quotes it
         if error:
-            parts.append(f'error="{error}"')
-        return "Bearer " + ",".join(parts)
+            params["error"] = error
+        return format_challenge("Bearer", params)
 
     def unauthorized(
         self, realm: str, scope: str | None, message: str, error: str | None = None

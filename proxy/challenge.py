@@ -16,6 +16,10 @@ _PARAM_RE = re.compile(rf'\s*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|({_TOKEN}))
 # A scheme ends at whitespace, a comma (a challenge without parameters, e.g.
 # `Negotiate, Bearer realm=...`) or the end of the header.
 _SCHEME_RE = re.compile(rf"\s*({_TOKEN})(?=[\s,]|$)\s*")
+_QUOTED_SPECIALS = re.compile(r'["\\]')
+_ESCAPE = r"\\\g<0>"
+# What a quoted-string cannot hold (RFC 9110 qdtext: HTAB is the only control allowed).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,21 @@ def parse_challenges(header: str) -> list[Challenge]:
         while position < len(header) and header[position] in ", ":
             position += 1
     return challenges
+
+
+def format_challenge(scheme: str, params: dict[str, str]) -> str:
+    """Write a challenge, each value a quoted-string (the inverse of `parse_challenges`).
+
+    Values can carry client text (the repository name in `scope`): `"` and `\\` are
+    escaped so a name cannot close the string and add parameters (a second `realm`),
+    and a value with a control character, which no header may carry, is left out.
+    """
+    written = [
+        f'{name}="{_QUOTED_SPECIALS.sub(_ESCAPE, value)}"'
+        for name, value in params.items()
+        if not _CONTROL.search(value)
+    ]
+    return f"{scheme} {','.join(written)}" if written else scheme
 
 
 def bearer_challenge(header: str) -> Challenge | None:

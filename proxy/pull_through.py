@@ -384,11 +384,19 @@ class PullThrough:
         self._count("blob", path is not None)
         return path
 
-    def file_response(self, digest: str, path: Path, headers: dict[str, str]) -> web.FileResponse:
-        """The response sending a cached blob's file; the blob is leased while it is sent,
-        so eviction cannot unlink a file still being read (its bytes would stay on disk,
-        uncounted, until the send ended)."""
-        return _LeasedFileResponse(self.cache.blobs.lease(digest), path, headers=headers)
+    def file_response(
+        self,
+        digest: str,
+        path: Path,
+        headers: dict[str, str],
+        selected: tuple[int, int] | None = None,
+    ) -> web.FileResponse:
+        """The response sending a cached blob's file (the whole blob, or the `selected`
+        inclusive range); the blob is leased while it is sent, so eviction cannot unlink
+        a file still being read (its bytes would stay on disk, uncounted, until the send
+        ended)."""
+        lease = self.cache.blobs.lease(digest)
+        return _CachedBlobResponse(lease, path, selected, headers)
 
     @asynccontextmanager
     async def blob_stream(
@@ -516,22 +524,36 @@ def _valid_digest(digest: str) -> bool:
     return True
 
 
-class _LeasedFileResponse(web.FileResponse):
-    """A `FileResponse` holding a blob store lease while it sends (aiohttp sends the whole
-    file within `prepare`)."""
+class _CachedBlobResponse(web.FileResponse):
+    """A cached blob sent with sendfile, leased while it is sent (aiohttp sends the whole
+    file within `prepare`), for exactly the range the gate chose.
+
+    aiohttp's FileResponse reads `Range` itself and disagrees with the gate on what to
+    ignore (`bytes=-`, multi-range, spaces, 5,000-digit numbers): it answers those with a
+    bodiless 416 where the gate serves the whole blob, as on a cache miss. So it is shown
+    a request whose `Range` is the gate's own reading. `If-Range` goes too: a blob is
+    content-addressed, so every validator for it still holds.
+    """
 
     def __init__(
         self,
         lease: AbstractAsyncContextManager[None],
         path: Path,
+        selected: tuple[int, int] | None,
         headers: dict[str, str],
     ) -> None:
         super().__init__(path, headers=headers)
         self._lease = lease
+        self._selected = selected
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        headers = request.headers.copy()
+        headers.popall("Range", None)
+        headers.popall("If-Range", None)
+        if self._selected is not None:
+            headers["Range"] = "bytes={}-{}".format(*self._selected)
         async with self._lease:
-            return await super().prepare(request)
+            return await super().prepare(request.clone(headers=headers))
 
 
 async def _relay(response: aiohttp.ClientResponse, upstream: str) -> AsyncIterator[bytes]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -40,6 +39,7 @@ from proxy.errors import (
 )
 from proxy.manifest_checks import MAX_MANIFEST_SIZE
 from proxy.metrics import Metrics
+from proxy.ranges import parse_chunk_range
 from proxy.references import Repository, is_digest, validate_digest
 from proxy.settings import UploadSettings
 from proxy.upload_body import ClientBody, ClientFailure, Hasher
@@ -48,8 +48,6 @@ from proxy.upload_tokens import SealedUpload, UploadSealer
 from proxy.upstream import Kind, PassThroughError, UpstreamClient
 
 log = logging.getLogger("registry_gate.push")
-# A chunk's `Content-Range` on PATCH: inclusive offsets, no `bytes ` prefix.
-_CHUNK_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
 # Request headers relayed to the upstream on manifest PUTs.
 _FORWARDED_REQUEST_HEADERS = ("Content-Type", "Content-Length", "Content-Range")
 # On upload PATCHes only the type: the body goes as a stream (chunked), so a client that
@@ -142,12 +140,10 @@ def _check_chunk_order(offset: int, headers: Mapping[str, str]) -> None:
     """416 for a chunk that does not start where the upload ends (the gate knows where)."""
     if "Content-Range" not in headers:
         return
-    match = _CHUNK_RANGE.fullmatch(headers["Content-Range"].strip())
-    if match is None or int(match[1]) > int(match[2]):
-        raise RangeInvalid("Content-Range must be <start>-<end>")
-    if int(match[1]) != offset:
+    start, _ = parse_chunk_range(headers["Content-Range"].strip())
+    if start != offset:
         raise RangeInvalid(
-            f"chunk out of order: it starts at {match[1]}, the upload holds {offset} bytes",
+            f"chunk out of order: it starts at {start}, the upload holds {offset} bytes",
             headers={"Range": _range(offset)},
         )
 

@@ -1,4 +1,4 @@
-"""HTTP `Range` requests on blobs (pure): parse `bytes=` ranges against a size.
+"""HTTP ranges (pure): `bytes=` ranges on blobs against a size, and upload chunk ranges.
 
 Only a single range is served (registries and their clients never ask for more);
 multi-range and unparsable values are answered with the whole blob, as RFC 9110 allows.
@@ -11,6 +11,8 @@ import re
 from proxy.errors import RangeInvalid
 
 _RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.ASCII)
+# An upload chunk's `Content-Range`, and an upload status `Range`: `<start>-<end>`, no unit.
+_CHUNK_RE = re.compile(r"\s*(\d+)-(\d+)\s*", re.ASCII)
 # Longer numbers are past any blob size; int() refuses over 4300 digits (a 500, not a 416).
 _MAX_DIGITS = 19
 
@@ -45,6 +47,18 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if first >= size:
         raise unsatisfiable(size)
     return first, min(last, size - 1)
+
+
+def parse_chunk_range(header: str) -> tuple[int, int]:
+    """The inclusive (start, end) of an upload chunk's `Content-Range` or an upload's
+    `Range` status; raises RangeInvalid when it is not `<start>-<end>` with start <= end."""
+    match = _CHUNK_RE.fullmatch(header)
+    if match is None:
+        raise RangeInvalid("Content-Range must be <start>-<end>")
+    start, end = _number(match[1]), _number(match[2])
+    if start > end:
+        raise RangeInvalid("Content-Range must be <start>-<end>")
+    return start, end
 
 
 def unsatisfiable(size: int) -> RangeInvalid:

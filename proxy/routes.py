@@ -172,11 +172,11 @@ async def _blob(
     await pull.ensure_held(repository, digest)
     path = await pull.cached_blob(repository, digest)
     if path is not None:
-        # Validated here so a bad range gets the OCI 416; FileResponse serves the bytes
-        # with sendfile, Range included.
-        parse_range(range_header, path.stat().st_size)
+        # Parsed here so a bad range gets the OCI 416; FileResponse serves the bytes
+        # with sendfile, for the range parsed here (never its own reading of the header).
+        selected = parse_range(range_header, path.stat().st_size)
         services.metrics.served_bytes.labels("cache").inc(path.stat().st_size)
-        return pull.file_response(digest, path, headers)
+        return pull.file_response(digest, path, headers, selected)
     async with pull.blob_stream(repository, digest) as blob:
         status = 200
         if blob.size is not None:

@@ -10,6 +10,7 @@ command line turns it into exit status 2. Environment variables override keys:
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -47,7 +48,11 @@ def parse_size(value: object) -> int:
     if match is None:
         raise ValueError(f"invalid size {value!r} (expected e.g. 20GiB, 500MB, 1048576)")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[(unit or "").upper()])
+    size = float(number) * _SIZE_UNITS[(unit or "").upper()]
+    if not math.isfinite(size):
+        # float() of 309 digits is inf, and int(inf) raises OverflowError, not a ValueError.
+        raise ValueError(f"size {value!r} is too large")
+    return int(size)
 
 
 def default_cache_dir() -> Path:

@@ -1,17 +1,21 @@
 """Tag lists sorted and paginated by the gate (pure).
 
 Upstreams such as Distribution 2.8 ignore `n` and `last` and return tags unsorted; the
-gate fetches the whole list, sorts it, and pages it itself, with a `Link` that points at
-the gate in the addressing mode the client used.
+gate fetches the whole list (following the upstream's `Link` pages), sorts it, and pages
+it itself, with a `Link` that points at the gate in the addressing mode the client used.
 """
 
 from __future__ import annotations
 
-from urllib.parse import urlencode
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from proxy.errors import PaginationNumberInvalid
 
 MAX_PAGE = 1000
+# One link of a `Link` header (RFC 8288): `<target>`, then its parameters up to the next `<`.
+_LINK_RE = re.compile(r"<([^>]*)>([^<]*)")
+_REL_NEXT_RE = re.compile(r';\s*rel\s*=\s*"?([^";,]*)', re.IGNORECASE)
 
 
 def parse_page_size(value: str | None) -> int | None:
@@ -41,3 +45,17 @@ def next_link(name: str, n: int, last: str, ns: str | None) -> str:
     if ns is not None:
         query["ns"] = ns
     return f'</v2/{name}/tags/list?{urlencode(query)}>; rel="next"'
+
+
+def parse_next_link(link: str) -> list[tuple[str, str]] | None:
+    """The query of an upstream's `rel="next"` link (decoded pairs); None without one.
+
+    The header may hold several links (`<...>; rel="prev", <...>; rel="next"`) and any
+    text an upstream sends: what does not parse is no next page.
+    """
+    for match in _LINK_RE.finditer(link):
+        rel = _REL_NEXT_RE.search(match.group(2))
+        if rel is not None and "next" in rel.group(1).lower().split():
+            pairs = parse_qsl(urlsplit(match.group(1)).query, keep_blank_values=True)
+            return [(key, value) for key, value in pairs if key] or None
+    return None
