@@ -363,7 +363,7 @@ async def test_any_credential_at_the_token_endpoint_is_a_401_or_a_token(
     query = {"service": SERVICE, "scope": "repository:library/busybox:pull"}
     headers = {"Authorization": authorization}
     async with token_client.get(url_of("/token", query), headers=headers) as response:
-        assert await answered(response, tracebacks) in (200, 401)
+        assert await answered(response, tracebacks) in (200, 401, 429)
 
 
 @PROPERTY_SETTINGS
@@ -373,7 +373,7 @@ async def test_any_refresh_token_is_a_401_or_a_token(
 ) -> None:
     form = {"grant_type": "refresh_token", "refresh_token": token, "service": SERVICE}
     async with token_client.post("/token", data=form) as response:
-        assert await answered(response, tracebacks) == 401
+        assert await answered(response, tracebacks) in (401, 429)
 
 
 _KNOWN_ACTIONS = st.lists(st.sampled_from(["pull", "push", "delete"]), max_size=3).map(",".join)
