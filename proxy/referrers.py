@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from typing import Any
 from weakref import WeakValueDictionary
 
-from proxy.errors import RegistryError, UpstreamUnavailable
+from proxy.errors import ManifestUnknown, RegistryError, UpstreamUnavailable
 from proxy.manifest_checks import MAX_MANIFEST_SIZE
 from proxy.references import Repository, validate_digest
-from proxy.upstream import UpstreamClient, read_capped
+from proxy.upstream import UpstreamClient
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 IMAGE_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -113,21 +113,16 @@ class ReferrersFallback:
     async def read(self, repository: Repository, subject: str) -> dict[str, Any] | None:
         """The fallback index of `subject`, or None when the tag does not exist."""
         client = self.clients[repository.registry]
-        response = await client.request(
-            "GET",
-            f"/v2/{repository.path}/manifests/{fallback_tag(subject)}",
-            kind="manifest",
-            repository=repository.path,
-            headers={"Accept": INDEX_TYPE},
-        )
-        if response.status == 404:
-            response.release()
-            return None
-        await client.raise_for_status(response, "manifest")
         try:
-            body = await read_capped(response, MAX_MANIFEST_SIZE, client.name)
-        finally:
-            response.release()
+            _, body = await client.get_body(
+                f"/v2/{repository.path}/manifests/{fallback_tag(subject)}",
+                kind="manifest",
+                repository=repository.path,
+                limit=MAX_MANIFEST_SIZE,
+                headers={"Accept": INDEX_TYPE},
+            )
+        except ManifestUnknown:
+            return None
         try:
             return parse_index(body)
         except (ValueError, RecursionError) as exc:

@@ -142,14 +142,8 @@ class StreamedBlob:
         known); before iterating. RangeInvalid if it starts beyond the end."""
         if self._started:
             raise RuntimeError("narrow() after iteration began")
-        if offset < 0 or (length is not None and length < 0):
-            raise ValueError("offset and length must not be negative")
-        if self.size is not None:
-            _check_offset(offset, self.size)
+        self._end = _selection_end(offset, length, self.size)
         self.offset = self._pos = offset
-        self._end = None if length is None else offset + length
-        if self.size is not None:
-            self._end = self.size if self._end is None else min(self._end, self.size)
 
     @property
     def length(self) -> int | None:
@@ -249,14 +243,8 @@ class RelayedBlob:
         """As `StreamedBlob.narrow`."""
         if self._started:
             raise RuntimeError("narrow() after iteration began")
-        if offset < 0 or (length is not None and length < 0):
-            raise ValueError("offset and length must not be negative")
-        if self.size is not None:
-            _check_offset(offset, self.size)
+        self._end = _selection_end(offset, length, self.size)
         self.offset = self._pending_at = offset
-        self._end = None if length is None else offset + length
-        if self.size is not None:
-            self._end = self.size if self._end is None else min(self._end, self.size)
 
     @property
     def length(self) -> int | None:
@@ -574,6 +562,20 @@ def _storing() -> Iterator[None]:
         yield
     except OSError as exc:
         raise _StorageFailed from exc
+
+
+def _selection_end(offset: int, length: int | None, size: int | None) -> int | None:
+    """Where a stream narrowed to (`offset`, `length`) ends, clipped to the blob's `size`
+    when known (None: at the end of a blob of unknown size). ValueError for negative
+    values, RangeInvalid for an offset beyond the end."""
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError("offset and length must not be negative")
+    if size is not None:
+        _check_offset(offset, size)
+    end = None if length is None else offset + length
+    if size is not None:
+        end = size if end is None else min(end, size)
+    return end
 
 
 def _check_offset(offset: int, size: int) -> None:
