@@ -992,6 +992,13 @@ def test_size_cap_holds_with_lru_eviction(
         got = fetch(gate.url, blob_path(ORIGIN, repo, digests[i]))
         assert got.complete and got.digest == digests[i], got
         wait_published(gate, digests[i])
+        # The rename shows on disk a moment before the gate's index takes the blob (and
+        # its place in the LRU order); a hit in that moment would reorder what this test
+        # expects to be evicted.
+        wait_for(
+            lambda: metric(gate, "registry_gate_cache_bytes", state="filling") == 0,
+            "the fill to be published in the gate's index",
+        )
         count, size = blobs_on_disk(gate)
         assert size <= cap, (count, size)
 
