@@ -17,9 +17,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from proxy.policy import Policy, parse_policies
-from proxy.principal import ANONYMOUS, Principal
-from proxy.references import Repository
+from proxy.names.references import Repository
+from proxy.policy.principal import ANONYMOUS, Principal
+from proxy.policy.rules import Policy, parse_policies
 
 ENTERPRISE_RULES = """\
   - name: corp-internal-pull

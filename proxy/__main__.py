@@ -1,5 +1,5 @@
 """`python -m proxy` runs the command line."""
 
-from proxy.cli import main
+from proxy.cli.main import main
 
 raise SystemExit(main())

@@ -15,28 +15,28 @@ import aiohttp
 from aiohttp import web
 
 from proxy import __version__
-from proxy.audit import AuditLog
-from proxy.auth import Authenticator
-from proxy.cache import Cache
-from proxy.circuit import CircuitBreaker
-from proxy.credentials import UserDirectory
-from proxy.drain import DRAIN, Drain, drain_middleware
-from proxy.gatekeeper import Gatekeeper
-from proxy.login_limits import LoginLimiter
-from proxy.metrics import Metrics
-from proxy.middleware import auth_middleware, error_middleware
-from proxy.operator_routes import add_operator_routes
-from proxy.pins import FilePinStore, PinCreators
-from proxy.policy_holder import PolicyHolder, PolicySources
-from proxy.pull_through import PullThrough
-from proxy.push import Pusher
-from proxy.routes import add_routes
+from proxy.auth.authenticator import Authenticator
+from proxy.auth.credentials import UserDirectory
+from proxy.auth.login_limits import LoginLimiter
+from proxy.auth.tokens import TokenIssuer, TokenVerifier, load_private_key
+from proxy.auth.upload_tokens import UploadSealer
+from proxy.content.pull_through import PullThrough
+from proxy.content.push import Pusher
+from proxy.http.drain import DRAIN, Drain, drain_middleware
+from proxy.http.middleware import auth_middleware, error_middleware
+from proxy.http.operator_routes import add_operator_routes
+from proxy.http.routes import add_routes
+from proxy.http.token_routes import add_token_routes
+from proxy.observability.audit import AuditLog
+from proxy.observability.metrics import Metrics
+from proxy.policy.gatekeeper import Gatekeeper
+from proxy.policy.holder import PolicyHolder, PolicySources
 from proxy.services import SERVICES, Services
 from proxy.settings import Settings
-from proxy.token_routes import add_token_routes
-from proxy.tokens import TokenIssuer, TokenVerifier, load_private_key
-from proxy.upload_tokens import UploadSealer
-from proxy.upstream import UpstreamClient
+from proxy.storage.cache import Cache
+from proxy.storage.pins import FilePinStore, PinCreators
+from proxy.upstream.circuit import CircuitBreaker
+from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger("registry_gate")
 # Headers (and the request line) larger than this are refused with 431/400.

@@ -10,19 +10,24 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.addressing import locate
-from proxy.audit import AuditLog, AuditRecord, Event
-from proxy.auth import GRANTABLE_ACTIONS, Authenticator, CredentialsInvalid, LoginLimited
+from proxy.auth.authenticator import (
+    GRANTABLE_ACTIONS,
+    Authenticator,
+    CredentialsInvalid,
+    LoginLimited,
+)
+from proxy.content.pull_through import PullThrough
+from proxy.content.push import Pusher
 from proxy.errors import RegistryError
-from proxy.gatekeeper import Gatekeeper
-from proxy.metrics import Metrics
-from proxy.policy_holder import PolicyHolder
-from proxy.principal import Principal
-from proxy.pull_through import PullThrough
-from proxy.push import Pusher
-from proxy.references import Repository, strip_docker_library
+from proxy.names.addressing import locate
+from proxy.names.references import Repository, strip_docker_library
+from proxy.observability.audit import AuditLog, AuditRecord, Event
+from proxy.observability.metrics import Metrics
+from proxy.policy.gatekeeper import Gatekeeper
+from proxy.policy.holder import PolicyHolder
+from proxy.policy.principal import Principal
 from proxy.settings import Settings
-from proxy.upstream import UpstreamClient
+from proxy.upstream.client import UpstreamClient
 
 
 @dataclass

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from proxy.references import normalize_registry, validate_registry
+from proxy.names.references import normalize_registry, validate_registry
 
 ENV_PREFIX = "REGISTRY_GATE_"
 _KUBERNETES_SERVICE_LINK = re.compile(r"REGISTRY_GATE_(PORT(_\d+_(TCP|UDP|SCTP)\w*)?|SERVICE_\w+)")

@@ -1,4 +1,4 @@
-"""proxy/addressing.py: endpoint parsing and the three addressing modes (design §2)."""
+"""proxy/names/addressing.py: endpoint parsing and the three addressing modes (design §2)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from proxy.addressing import Target, V2Route, locate, parse_v2_path
 from proxy.errors import NameInvalid, NameUnknown, RegistryError
-from proxy.references import Repository
+from proxy.names.addressing import Target, V2Route, locate, parse_v2_path
+from proxy.names.references import Repository
 
 KNOWN = frozenset({"docker.io", "quay.io", "registry.corp.example", "localhost:5003"})
 SHA256 = "sha256:" + "b" * 64

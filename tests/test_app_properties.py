@@ -29,7 +29,7 @@ from yarl import URL
 
 from proxy.app import build_app
 from proxy.errors import RangeInvalid
-from proxy.ranges import parse_range
+from proxy.http.ranges import parse_range
 from proxy.settings import Settings
 from tests.support.gate import policy_document, standard_upstreams
 from tests.support.hostile_tokens import presented_tokens

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from proxy import audit as audit_module
-from proxy.audit import (
+from proxy.observability import audit as audit_module
+from proxy.observability.audit import (
     AuditLog,
     AuditLogError,
     AuditRecord,
@@ -29,8 +29,8 @@ from proxy.audit import (
     format_verify_result,
     verify,
 )
-from proxy.metrics import Metrics
-from proxy.principal import Principal
+from proxy.observability.metrics import Metrics
+from proxy.policy.principal import Principal
 from proxy.settings import AuditSettings
 
 
@@ -469,7 +469,7 @@ async def test_a_failed_write_is_retried_without_losing_or_tearing_records(
     metrics = Metrics(process_collectors=False)
     async with AuditLog(path=path, metrics=metrics) as log:
         await write_records(log, 0, 2)
-        monkeypatch.setattr("proxy.audit.os.write", flaky_write)
+        monkeypatch.setattr("proxy.observability.audit.os.write", flaky_write)
         await write_records(log, 2, 3)
         assert log.last_error is None
     result = verify([path])

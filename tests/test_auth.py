@@ -1,4 +1,4 @@
-"""proxy/auth.py and proxy/credentials.py: users, the token endpoint's grants, request checks."""
+"""proxy/auth/authenticator.py and credentials.py: users, token grants, request checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.auth import (
+from proxy.auth.authenticator import (
     MAX_SCOPES,
     METHOD_ACTIONS,
     REFRESH_TOKEN_TTL,
@@ -21,13 +21,13 @@ from proxy.auth import (
     LoginLimited,
     ScopeInvalid,
 )
-from proxy.challenge import Scope, bearer_challenge
-from proxy.credentials import UserDirectory, load_groups, load_htpasswd
+from proxy.auth.credentials import UserDirectory, load_groups, load_htpasswd
+from proxy.auth.login_limits import LoginLimiter
+from proxy.auth.tokens import TokenIssuer, TokenVerifier
 from proxy.errors import Unauthorized
-from proxy.login_limits import LoginLimiter
-from proxy.principal import ANONYMOUS, Principal
+from proxy.policy.principal import ANONYMOUS, Principal
 from proxy.settings import AuthSettings, ConfigError, LoginLimits
-from proxy.tokens import TokenIssuer, TokenVerifier
+from proxy.upstream.challenge import Scope, bearer_challenge
 
 SERVICE = "registry-gate"
 REALM = "https://gate.example/token"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.blobstore import CacheFull, FilesystemBlobStore, StorageLocked
 from proxy.errors import DigestInvalid
+from proxy.storage.blobstore import CacheFull, FilesystemBlobStore, StorageLocked
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,7 @@ async def test_crash_mid_fill_leaves_nothing_served(tmp_path: Path) -> None:
     child = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
-        "from proxy.blobstore import FilesystemBlobStore\n"
+        "from proxy.storage.blobstore import FilesystemBlobStore\n"
         "async def main():\n"
         "    store = FilesystemBlobStore(Path(sys.argv[1]), 10**9)\n"
         "    await store.open()\n"

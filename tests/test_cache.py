@@ -1,4 +1,4 @@
-"""Tests of proxy/cache.py: the stores opened together, and pinned repositories' blobs
+"""Tests of proxy/storage/cache.py: the stores opened together, and pinned repositories' blobs
 kept out of eviction."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from proxy.cache import Cache
-from proxy.references import Repository
+from proxy.names.references import Repository
 from proxy.settings import StorageSettings
+from proxy.storage.cache import Cache
 
 
 def _digest(data: bytes) -> str:

@@ -1,10 +1,10 @@
-"""proxy/challenge.py: `WWW-Authenticate` parsing and token scopes."""
+"""proxy/upstream/challenge.py: `WWW-Authenticate` parsing and token scopes."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.challenge import (
+from proxy.upstream.challenge import (
     Challenge,
     Scope,
     bearer_challenge,

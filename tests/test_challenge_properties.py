@@ -1,4 +1,4 @@
-"""Properties of proxy/challenge.py: `WWW-Authenticate` and token scopes from any sender.
+"""Properties of proxy/upstream/challenge.py: `WWW-Authenticate` and token scopes from any sender.
 
 An upstream writes the challenges the gate parses, and a client writes the scopes; the
 gate writes challenges that carry a client's repository name. Parsing never raises, and
@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.challenge import (
+from proxy.upstream.challenge import (
     Scope,
     bearer_challenge,
     format_challenge,

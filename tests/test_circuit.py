@@ -1,4 +1,4 @@
-"""proxy/circuit.py: the per-upstream circuit breaker and its attempts.
+"""proxy/upstream/circuit.py: the per-upstream circuit breaker and its attempts.
 
 The property that matters most: whatever way an attempt ends (an outcome recorded, an
 exception of any type, a cancellation, nothing at all), a half-open probe is settled, so
@@ -11,8 +11,8 @@ import asyncio
 
 import pytest
 
-from proxy.circuit import CircuitBreaker, CircuitOpen, CircuitState
 from proxy.errors import Denied, UpstreamUnavailable
+from proxy.upstream.circuit import CircuitBreaker, CircuitOpen, CircuitState
 
 
 class Clock:

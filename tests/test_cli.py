@@ -1,4 +1,4 @@
-"""proxy/cli.py: `check-config` exit statuses and one-line reasons (design §9)."""
+"""proxy/cli/main.py: `check-config` exit statuses and one-line reasons (design §9)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.cli import EXIT_CONFIG, main
+from proxy.cli.main import EXIT_CONFIG, main
 from tests.support.deployment import self_signed_cert
 from tests.support.gate import GateProcess
 from tests.support.registries import free_port

@@ -1,4 +1,4 @@
-"""proxy/client_config.py and `registry-gate client-config`: what an operator installs.
+"""proxy/cli/client_config.py and `registry-gate client-config`: what an operator installs.
 
 Through the real command line: a single-file target prints only that file (so
 `client-config docker > daemon.json` is valid JSON), warnings go to stderr, and
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import client_config
+from proxy.cli import client_config
 from tests.support.cli import run_cli
 
 URL = "http://gate.example:5000"

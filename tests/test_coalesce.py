@@ -1,4 +1,4 @@
-"""Tests of proxy/coalesce.py, and of the pull path's coalesced tag revalidation in-process:
+"""Tests of proxy/content/coalesce.py, and of the pull path's coalesced tag revalidation in-process:
 one task per key, shared by its callers, not cancelled by a caller that leaves, kept
 referenced while it runs, and cancelled by `close()` (shutdown)."""
 
@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from proxy.cache import Cache
-from proxy.coalesce import Coalescer
-from proxy.manifest_cache import TagEntry
-from proxy.pull_through import PullThrough
-from proxy.references import Repository
+from proxy.content.coalesce import Coalescer
+from proxy.content.pull_through import PullThrough
+from proxy.names.references import Repository
 from proxy.settings import StorageSettings, UpstreamSettings
-from proxy.upstream import UpstreamClient
+from proxy.storage.cache import Cache
+from proxy.storage.manifest_cache import TagEntry
+from proxy.upstream.client import UpstreamClient
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 

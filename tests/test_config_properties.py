@@ -19,8 +19,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.policy import PolicyError, parse_policies
-from proxy.registries_conf import RegistriesConfError, parse_registries_conf
+from proxy.names.registries_conf import RegistriesConfError, parse_registries_conf
+from proxy.policy.rules import PolicyError, parse_policies
 from proxy.settings import ConfigError, apply_env_overrides, load_settings
 
 PROPERTIES = settings(

@@ -208,7 +208,7 @@ def test_volumes_ports_signals_and_entrypoint() -> None:
     command = exec_form(FINAL.one("ENTRYPOINT")) + exec_form(FINAL.one("CMD"))
     assert command == ["registry-gate", "serve", "--config", CONFIG_PATH]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["registry-gate"] == "proxy.cli:main"
+    assert scripts["registry-gate"] == "proxy.cli.main:main"
 
 
 def test_healthcheck_uses_python_not_curl() -> None:
@@ -269,7 +269,7 @@ def dockerignored(path: str) -> bool:
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
-    for path in ("pyproject.toml", "README.md", "proxy/cli.py", "deploy/gate.yaml"):
+    for path in ("pyproject.toml", "README.md", "proxy/cli/main.py", "deploy/gate.yaml"):
         assert not dockerignored(path), path
     assert not dockerignored("policies/enterprise.yaml")
     for path in (

@@ -1,4 +1,4 @@
-"""proxy/egress.py: where an upstream may send the gate (token realms, blob redirects).
+"""proxy/upstream/egress.py: where an upstream may send the gate (token realms, blob redirects).
 
 Realms receive the upstream's credentials, redirect targets never do: the two are
 separate lists, and no host approved only for redirects (the built-in CDN lists,
@@ -15,8 +15,8 @@ import socket
 
 import pytest
 
-from proxy import egress
-from proxy.egress import (
+from proxy.upstream import egress
+from proxy.upstream.egress import (
     WELL_KNOWN_REALMS,
     WELL_KNOWN_REDIRECTS,
     EgressPolicy,

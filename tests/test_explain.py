@@ -1,4 +1,4 @@
-"""Explaining decisions and resolution paths without a request (proxy/explain.py)."""
+"""Explaining decisions and resolution paths without a request (proxy/policy/explain.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import NameInvalid, UpstreamUnavailable
-from proxy.explain import explain, format_explanation
-from proxy.pins import MemoryPinStore
-from proxy.policy import Policy, load_policy, parse_policies
-from proxy.principal import ANONYMOUS, Principal
-from proxy.references import Repository
+from proxy.names.references import Repository
+from proxy.policy.explain import explain, format_explanation
+from proxy.policy.principal import ANONYMOUS, Principal
+from proxy.policy.rules import Policy, load_policy, parse_policies
+from proxy.storage.pins import MemoryPinStore
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 CORP = "registry.corp.example"

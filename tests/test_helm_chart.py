@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.metrics import Metrics
-from proxy.policy import load_policy
+from proxy.observability.metrics import Metrics
+from proxy.policy.rules import load_policy
 from proxy.settings import ConfigError, Settings, load_settings, parse_size
 from tests.support.deployment import AtomicDir, GateRun, free_port, http_get, self_signed_cert
 
@@ -637,7 +637,7 @@ _PROMQL_WORDS = {"sum", "by", "rate", "max", "min", "topk", "histogram_quantile"
 
 def test_dashboard_queries_use_real_metrics_and_labels() -> None:
     """Every registry_gate_* series and every `by (...)` label in the dashboard exists
-    in the gate's own metrics registry (checked against proxy.metrics, not a list)."""
+    in the gate's own metrics registry (checked against proxy.observability.metrics, not a list)."""
     registry = Metrics(process_collectors=False, version="test").registry
     # prometheus-client keeps sample name -> collector; labels are on the collector.
     collectors = registry._names_to_collectors

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from multidict import CIMultiDict
 
-from proxy.logging_setup import (
+from proxy.observability.logging_setup import (
     REDACTED,
     configure_logging,
     current_request_id,

@@ -1,10 +1,10 @@
-"""proxy/login_limits.py: the failed-login buckets, on a fake clock (no waiting)."""
+"""proxy/auth/login_limits.py: the failed-login buckets, on a fake clock (no waiting)."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.login_limits import MAX_USER_CHARS, Limited, LoginLimiter, client_key, user_key
+from proxy.auth.login_limits import MAX_USER_CHARS, Limited, LoginLimiter, client_key, user_key
 from proxy.settings import LoginBucket, LoginLimits
 
 ATTACKER = "198.51.100.66"

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import DigestInvalid, ManifestInvalid
-from proxy.manifest_cache import (
+from proxy.names.references import Repository
+from proxy.storage.manifest_cache import (
     FilesystemManifestStore,
     IndexDatabase,
     SqliteRepositoryIndex,
     SqliteTagIndex,
     TagEntry,
 )
-from proxy.references import Repository
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ALPINE = Repository.of("docker.io", "alpine")

@@ -1,4 +1,4 @@
-"""proxy/manifest_checks.py: what the gate checks in an upstream manifest (security.md 4-6)."""
+"""proxy/content/manifest_checks.py: what the gate checks in an upstream manifest (security.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import UpstreamUnavailable
-from proxy.manifest_checks import (
+from proxy.content.manifest_checks import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     MAX_MANIFEST_SIZE,
@@ -17,6 +16,7 @@ from proxy.manifest_checks import (
     digest_of,
     inspect_manifest,
 )
+from proxy.errors import UpstreamUnavailable
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

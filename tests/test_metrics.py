@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import (
+from proxy.observability.metrics import (
     CircuitState,
     Metrics,
     RateLimit,

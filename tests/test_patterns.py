@@ -1,4 +1,4 @@
-"""Reference patterns: table-driven matching and boundary properties (proxy/patterns.py)."""
+"""Reference patterns: table-driven matching and boundary properties (proxy/policy/patterns.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from proxy.patterns import PatternError, compile_pattern
+from proxy.policy.patterns import PatternError, compile_pattern
 
 MATCHES = [
     # A bare registry is that whole registry, never a longer host.

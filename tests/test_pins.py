@@ -1,4 +1,4 @@
-"""Short-name pin stores (proxy/pins.py)."""
+"""Short-name pin stores (proxy/storage/pins.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 
-from proxy.pins import (
+from proxy.names.references import Repository
+from proxy.policy.principal import ANONYMOUS, Principal
+from proxy.settings import PinCreatorGroups
+from proxy.storage.pins import (
     Creator,
     FilePinStore,
     MemoryPinStore,
@@ -17,9 +20,6 @@ from proxy.pins import (
     PinStore,
     PinStoreError,
 )
-from proxy.principal import ANONYMOUS, Principal
-from proxy.references import Repository
-from proxy.settings import PinCreatorGroups
 
 UBUNTU_HUB = Repository.of("docker.io", "ubuntu")
 UBUNTU_CORP = Repository("registry.corp.example", "ubuntu")

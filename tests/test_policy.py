@@ -1,4 +1,4 @@
-"""Policy files: loading, validation messages, merging, and decisions (proxy/policy.py)."""
+"""Policy files: loading, validation messages, merging, and decisions (proxy/policy/rules.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import Denied
-from proxy.policy import (
+from proxy.names.references import Repository
+from proxy.names.registries_conf import parse_registries_conf
+from proxy.policy.principal import ANONYMOUS, Principal
+from proxy.policy.rules import (
     BUILTIN_SOURCE,
     Decision,
     Policy,
@@ -18,9 +21,6 @@ from proxy.policy import (
     load_policy,
     parse_policies,
 )
-from proxy.principal import ANONYMOUS, Principal
-from proxy.references import Repository
-from proxy.registries_conf import parse_registries_conf
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 DIGEST = "sha256:" + "a" * 64

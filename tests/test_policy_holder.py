@@ -1,4 +1,4 @@
-"""Holding, reloading and watching the policy (proxy/policy_holder.py)."""
+"""Holding, reloading and watching the policy (proxy/policy/holder.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from proxy.pins import MemoryPinStore
-from proxy.policy import PolicyError
-from proxy.policy_holder import PolicyHolder, PolicySources
-from proxy.principal import ANONYMOUS
-from proxy.references import Repository
+from proxy.names.references import Repository
+from proxy.policy.holder import PolicyHolder, PolicySources
+from proxy.policy.principal import ANONYMOUS
+from proxy.policy.rules import PolicyError
 from proxy.settings import Settings
+from proxy.storage.pins import MemoryPinStore
 
 UBUNTU = Repository.of("docker.io", "ubuntu")
 ALLOW = "search: [docker.io]\nrules:\n  - {name: hub, match: docker.io, allow: true}\n"
@@ -83,7 +83,7 @@ def test_invalid_reload_is_refused_and_the_old_policy_stays(
     holder = holder_for(policy_file, outcomes)
     before = holder.current
     write(policy_file, "rules:\n  - {name: x, match: '**', allow: true, actons: [pull]}\n")
-    with caplog.at_level(logging.ERROR, logger="proxy.policy_holder"):
+    with caplog.at_level(logging.ERROR, logger="proxy.policy.holder"):
         assert not holder.reload()
     assert outcomes == ["failure"]
     assert holder.current is before

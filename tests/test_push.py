@@ -1,4 +1,4 @@
-"""proxy/push.py: what a client's manifest body may be before anything goes upstream."""
+"""proxy/content/push.py: what a client's manifest body may be before anything goes upstream."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from proxy.content.manifest_checks import MAX_MANIFEST_SIZE
+from proxy.content.push import read_manifest_body
 from proxy.errors import ManifestTooLarge
-from proxy.manifest_checks import MAX_MANIFEST_SIZE
-from proxy.push import read_manifest_body
 
 
 async def _chunks(total: int, size: int = 1 << 20) -> AsyncIterator[bytes]:

@@ -1,4 +1,4 @@
-"""proxy/ranges.py: single `bytes=` ranges against a blob size (RFC 9110)."""
+"""proxy/http/ranges.py: single `bytes=` ranges against a blob size (RFC 9110)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import RangeInvalid
-from proxy.ranges import content_range, parse_range, unsatisfiable
+from proxy.http.ranges import content_range, parse_range, unsatisfiable
 
 
 @pytest.mark.parametrize(

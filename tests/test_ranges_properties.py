@@ -1,4 +1,4 @@
-"""Properties of proxy/ranges.py: a client's `Range`, a client's or an upstream's chunk range.
+"""Properties of proxy/http/ranges.py: a client's `Range`, a client's or an upstream's chunk range.
 
 Any text raises only RangeInvalid (416), never another exception; what is accepted lies
 inside the blob; the `Content-Range` the gate writes reads back as the range it serves.
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import RangeInvalid
-from proxy.ranges import content_range, parse_chunk_range, parse_range
+from proxy.http.ranges import content_range, parse_chunk_range, parse_range
 
 PROPERTIES = settings(max_examples=200, deadline=None)
 _NUMBER = st.one_of(

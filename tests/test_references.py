@@ -1,4 +1,4 @@
-"""proxy/references.py: name, tag and digest grammar; Docker Hub normalisation."""
+"""proxy/names/references.py: name, tag and digest grammar; Docker Hub normalisation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import DigestInvalid, NameInvalid, RegistryError, TagInvalid
-from proxy.references import (
+from proxy.names.references import (
     MAX_NAME_LENGTH,
     ParsedReference,
     Repository,

@@ -1,4 +1,4 @@
-"""Properties of proxy/references.py and proxy/addressing.py on any text.
+"""Properties of proxy/names/references.py and proxy/names/addressing.py on any text.
 
 Names, tags, digests, registry hosts, `?ns=` values and user-written references raise
 only their OCI error (NameInvalid, TagInvalid, DigestInvalid, NameUnknown: all 4xx);
@@ -14,9 +14,9 @@ from typing import TypeVar
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.addressing import locate, parse_v2_path
 from proxy.errors import RegistryError
-from proxy.references import (
+from proxy.names.addressing import locate, parse_v2_path
+from proxy.names.references import (
     Repository,
     parse_reference,
     validate_name,

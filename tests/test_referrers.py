@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from proxy import referrers
+from proxy.content import referrers
 
 SUBJECT = "sha256:" + "ab" * 32
 DIGEST = "sha256:" + "cd" * 32

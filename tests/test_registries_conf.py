@@ -1,4 +1,4 @@
-"""registries.conf v2: parsing, matching, rewriting, drop-ins (proxy/registries_conf.py)."""
+"""registries.conf v2: parsing, matching, rewriting, drop-ins (proxy/names/registries_conf.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.references import Repository
-from proxy.registries_conf import (
+from proxy.names.references import Repository
+from proxy.names.registries_conf import (
     RegistriesConf,
     RegistriesConfError,
     RegistryEntry,

@@ -1,4 +1,4 @@
-"""Short-name resolution with a counting fake probe (proxy/resolver.py)."""
+"""Short-name resolution with a counting fake probe (proxy/names/resolver.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from proxy.errors import (
     NameUnknown,
     UpstreamUnavailable,
 )
-from proxy.pins import Creator, FilePinStore, MemoryPinStore, PinStore
-from proxy.policy import Policy, parse_policies
-from proxy.principal import Principal
-from proxy.references import Repository
-from proxy.registries_conf import parse_registries_conf
-from proxy.resolver import ShortNameResolver
+from proxy.names.references import Repository
+from proxy.names.registries_conf import parse_registries_conf
+from proxy.names.resolver import ShortNameResolver
+from proxy.policy.principal import Principal
+from proxy.policy.rules import Policy, parse_policies
+from proxy.storage.pins import Creator, FilePinStore, MemoryPinStore, PinStore
 
 CORP = "registry.corp.example"
 

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.blobstore import BlobWriter, FilesystemBlobStore
+from proxy.content.singleflight import (
+    READ_CHUNK,
+    TAIL_HOLD,
+    FillCoordinator,
+    StreamedBlob,
+    UpstreamBlob,
+)
 from proxy.errors import (
     BlobUnknown,
     RangeInvalid,
@@ -21,13 +27,7 @@ from proxy.errors import (
     ServiceUnavailable,
     UpstreamUnavailable,
 )
-from proxy.singleflight import (
-    READ_CHUNK,
-    TAIL_HOLD,
-    FillCoordinator,
-    StreamedBlob,
-    UpstreamBlob,
-)
+from proxy.storage.blobstore import BlobWriter, FilesystemBlobStore
 
 SIZE = 300 * 1024
 
@@ -277,19 +277,19 @@ async def test_the_tail_is_released_once_verified_before_the_flush_to_disk(
 ) -> None:
     """The readers' wait ends when the content hashes right, not when the (slow) fsync and
     rename are done: the client has the whole verified blob while the cache publishes."""
-    import proxy.blobstore
+    import proxy.storage.blobstore
 
     data = os.urandom(SIZE)
     flushing, flush_may_end = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    real_make_durable = proxy.blobstore.make_durable
+    real_make_durable = proxy.storage.blobstore.make_durable
 
     def slow_make_durable(fd: int, temp: Path, final: Path) -> None:
         loop.call_soon_threadsafe(flushing.set)
         asyncio.run_coroutine_threadsafe(flush_may_end.wait(), loop).result(timeout=10)
         real_make_durable(fd, temp, final)
 
-    monkeypatch.setattr(proxy.blobstore, "make_durable", slow_make_durable)
+    monkeypatch.setattr(proxy.storage.blobstore, "make_durable", slow_make_durable)
     upstream = FakeUpstream(data)
     async with asyncio.timeout(10):
         got = await read_all(coordinator, sha(data), upstream)

@@ -1,4 +1,4 @@
-"""proxy/tag_pages.py: tag list sorting, pagination and the `Link` to the next page."""
+"""proxy/content/tag_pages.py: tag list sorting, pagination and the `Link` to the next page."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.content.tag_pages import MAX_PAGE, next_link, page, parse_page_size
 from proxy.errors import PaginationNumberInvalid
-from proxy.tag_pages import MAX_PAGE, next_link, page, parse_page_size
 
 
 @pytest.mark.parametrize(

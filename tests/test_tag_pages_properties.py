@@ -1,4 +1,4 @@
-"""Properties of proxy/tag_pages.py: a client's `n`, an upstream's `Link`, the gate's `Link`.
+"""Properties of proxy/content/tag_pages.py: a client's `n`, an upstream's `Link`, ours.
 
 `n` is a page size or a 400; any `Link` text an upstream sends is a next page or none,
 never an exception; the `Link` the gate writes reads back as the query it meant.
@@ -9,8 +9,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.content.tag_pages import MAX_PAGE, next_link, parse_next_link, parse_page_size
 from proxy.errors import PaginationNumberInvalid
-from proxy.tag_pages import MAX_PAGE, next_link, parse_next_link, parse_page_size
 
 PROPERTIES = settings(max_examples=200, deadline=None)
 

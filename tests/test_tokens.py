@@ -1,4 +1,4 @@
-"""proxy/tokens.py: the gate's JWTs and the strict verifier (security.md items 11 and 13)."""
+"""proxy/auth/tokens.py: the gate's JWTs and the strict verifier (security.md items 11 and 13)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from proxy import tokens as tokens_module
-from proxy.challenge import Scope
-from proxy.principal import Principal
-from proxy.settings import ConfigError, TrustedIssuer
-from proxy.tokens import (
+from proxy.auth import tokens as tokens_module
+from proxy.auth.tokens import (
     JWKS_REFRESH_COOLDOWN,
     LEEWAY_SECONDS,
     MAX_TOKEN_BYTES,
@@ -35,6 +32,9 @@ from proxy.tokens import (
     key_id,
     load_private_key,
 )
+from proxy.policy.principal import Principal
+from proxy.settings import ConfigError, TrustedIssuer
+from proxy.upstream.challenge import Scope
 
 SERVICE = "registry-gate"
 ISSUER = "registry-gate"

@@ -1,4 +1,4 @@
-"""Properties of proxy/tokens.py: any bearer token presented to the gate.
+"""Properties of proxy/auth/tokens.py: any bearer token presented to the gate.
 
 Whatever an attacker sends as a token (any header, any claims, any signature or none),
 the verifier raises TokenInvalid and nothing else, for the gate's own issuer and for
@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.challenge import Scope
-from proxy.principal import Principal
+from proxy.auth.tokens import TokenInvalid, TokenIssuer, TokenVerifier
+from proxy.policy.principal import Principal
 from proxy.settings import TrustedIssuer
-from proxy.tokens import TokenInvalid, TokenIssuer, TokenVerifier
+from proxy.upstream.challenge import Scope
 from tests.support.hostile_tokens import presented_tokens
 
 PROPERTIES = settings(

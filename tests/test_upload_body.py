@@ -1,4 +1,4 @@
-"""proxy/upload_body.py: a client's upload body is hashed, counted and held to a minimum rate.
+"""proxy/content/upload_body.py: an upload body is hashed, counted and held to a minimum rate.
 
 The clock is the event loop's own (no real waiting beyond the small windows used here):
 a source that stalls is cut after one window, one that keeps its quota is not, and a
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp.http_exceptions import ContentLengthError
 
-from proxy.upload_body import ClientBody
+from proxy.content.upload_body import ClientBody
 
 WINDOW = 0.2
 # For sources that must pass: far more time than they need, so a loaded machine passes too.

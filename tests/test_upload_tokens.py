@@ -1,4 +1,4 @@
-"""proxy/upload_tokens.py: sealed upload session ids (a client cannot redirect an upload)."""
+"""proxy/auth/upload_tokens.py: sealed upload session ids (a client cannot redirect an upload)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.auth.upload_tokens import SealedUpload, UploadSealer
 from proxy.errors import BlobUploadUnknown
-from proxy.upload_tokens import SealedUpload, UploadSealer
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 LOCATION = "/v2/team/app/blobs/uploads/5f2a?_state=abc%3D%3D&x=1"

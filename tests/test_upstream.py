@@ -1,4 +1,4 @@
-"""proxy/upstream.py: `map_failure` (the one table from upstream answers to OCI errors),
+"""proxy/upstream/client.py: `map_failure` (the one table from upstream answers to OCI errors),
 and the client's token dance, redirects and breaker against a hostile upstream."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from multidict import CIMultiDict
 
-from proxy.circuit import CircuitBreaker, CircuitState
 from proxy.errors import (
     BlobUnknown,
     BlobUploadUnknown,
@@ -23,7 +22,8 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.settings import UpstreamSettings
-from proxy.upstream import Kind, PassThroughError, UpstreamClient, map_failure
+from proxy.upstream.circuit import CircuitBreaker, CircuitState
+from proxy.upstream.client import Kind, PassThroughError, UpstreamClient, map_failure
 from tests.support.hostile_upstream import (
     PASSWORD,
     USER,

@@ -1,0 +1,1 @@
+"""Client authentication: credentials, the gate's tokens, login limits, upload ids."""

@@ -1,0 +1,1 @@
+"""The command line: `serve`, operator commands, client configuration, start-up checks."""

@@ -1,0 +1,1 @@
+"""The content paths: pull-through, push, single-flight fills and referrers."""

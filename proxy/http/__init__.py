@@ -1,0 +1,1 @@
+"""The HTTP layer: OCI and operator endpoints, middleware, the server and its drain."""

@@ -1,0 +1,1 @@
+"""Names: reference grammar, addressing modes and short-name resolution (pure)."""

@@ -1,0 +1,1 @@
+"""Observability: metrics, the audit log and process logging."""

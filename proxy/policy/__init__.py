@@ -1,0 +1,1 @@
+"""Decisions: the policy files, their patterns, and who may do what per request."""

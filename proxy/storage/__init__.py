@@ -1,0 +1,1 @@
+"""Storage: the store protocols, their implementations, and the cache that opens them."""

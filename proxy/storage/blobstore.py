@@ -1,0 +1,681 @@
+"""The content-addressed blob cache: where verified blobs live, and how space is reclaimed.
+
+Owns the `BlobStore` protocol (what any backend, filesystem or object store, must offer)
+and its embedded filesystem implementation:
+
+    <root>/blobs/<algorithm>/<hex>   published blobs, only ever created by an atomic rename
+                                     of a complete file whose bytes hashed to its name
+    <root>/tmp/                      fills in progress; wiped at start (a crash mid-fill
+                                     leaves nothing that could be served)
+    <root>/.lock                     one gate process per cache directory
+
+Eviction is least-recently-used under a byte cap, over an in-memory index rebuilt from the
+directory at start (order from file mtimes, which reads refresh now and then). A blob with
+a lease (being filled or read) or in the `protected` set (pinned images) is never evicted.
+
+The cap bounds the blob bytes on disk, not only the published ones: a fill reserves its
+expected size before its first byte is written (more as it goes when the size is not
+known), eviction makes room for the reservation, and a fill that cannot fit (everything
+else leased or pinned) is refused with `CacheFull` before it writes anything. Blobs being
+unlinked, and blobs deleted while a lease still holds them open, count until they are
+gone from the disk. Manifests, the sqlite index and leftovers of a crashed process (until
+the start-up sweep) are outside the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import inspect
+import logging
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from proxy.errors import DigestInvalid
+from proxy.names.references import validate_digest
+from proxy.storage.durable_files import make_durable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+HASH_CHUNK = 1024 * 1024
+# Refreshing a blob's mtime on every hit would be a metadata write per request; the LRU
+# order only needs to survive a restart roughly, so the disk copy is refreshed at most
+# this often (seconds) per blob while the in-memory order is exact.
+ACCESS_PERSIST_INTERVAL = 300.0
+_ALGORITHMS = ("sha256", "sha512")
+_HEX_LENGTH = {"sha256": 64, "sha512": 128}
+
+
+# Told about each evicted blob (digest, size): metrics, and forgetting which repositories
+# held it. May be a coroutine function.
+EvictHook = Callable[[str, int], Awaitable[None] | None]
+
+
+class StorageLocked(RuntimeError):
+    """Another process holds the cache directory (two gates must not share one)."""
+
+
+class CacheFull(Exception):
+    """A fill cannot fit under the cap: what could be evicted is not enough (the rest is
+    leased, pinned or being filled), or (`never`) the blob is larger than the cap itself."""
+
+    def __init__(self, message: str, *, never: bool = False) -> None:
+        super().__init__(message)
+        self.never = never
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStats:
+    """What the blob cache holds now."""
+
+    count: int
+    bytes: int
+    """Published blobs."""
+    max_size: int
+    leased: int
+    filling: int = 0
+    """Reserved by fills in progress (or, seen from another process, written so far)."""
+    removed_open: int = 0
+    """Removed from the index but still on disk: being unlinked, or held open by a lease."""
+
+    @property
+    def used(self) -> int:
+        """Blob bytes on disk, what `max_size` bounds."""
+        return self.bytes + self.filling + self.removed_open
+
+
+class BlobReader(Protocol):
+    """Random access to a blob's bytes (published, or written so far by a fill)."""
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes from `offset` (fewer only at the end of what exists)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the reader."""
+        ...
+
+
+class BlobWriter(Protocol):
+    """One fill: bytes go to a private place while they are hashed; nothing is visible
+    to `path_for`/`stat`/`open_reader` of the store until `commit` verified them."""
+
+    @property
+    def digest(self) -> str:
+        """The digest the content must hash to."""
+        ...
+
+    @property
+    def written(self) -> int:
+        """Bytes written so far."""
+        ...
+
+    async def write(self, chunk: bytes) -> None:
+        """Append and hash a chunk."""
+        ...
+
+    async def commit(
+        self, expected_size: int | None = None, on_verified: Callable[[], None] | None = None
+    ) -> None:
+        """Verify digest (and size), make durable, publish; DigestInvalid on mismatch,
+        in which case the data is discarded. `on_verified` is called once the content is
+        known good, before the (slow) flush to disk."""
+        ...
+
+    async def abort(self) -> None:
+        """Discard the fill; safe to call more than once and after a failed commit."""
+        ...
+
+    def open_reader(self) -> BlobReader:
+        """A reader of what has been written so far (it sees later writes too).
+
+        Synchronous, so a caller can check the fill's state and open a reader with no
+        suspension point between. Once `commit` has published, it reads the published
+        blob; once the fill is discarded it raises ValueError. A reader outlives both.
+        """
+        ...
+
+
+class BlobStore(Protocol):
+    """A content-addressed blob cache shared by all upstreams and repositories."""
+
+    async def close(self) -> None:
+        """Release the store (files, locks, connections)."""
+
+    async def path_for(self, digest: str) -> Path | None:
+        """A local path of the published blob (for zero-copy sending), counting as an
+        access; None when not cached or when the backend has no local files."""
+        ...
+
+    async def stat(self, digest: str) -> int | None:
+        """The size of the published blob, or None when not cached."""
+        ...
+
+    async def open_reader(self, digest: str) -> BlobReader | None:
+        """A reader of the published blob (counting as an access), or None."""
+        ...
+
+    async def begin_fill(self, digest: str, size: int | None = None) -> BlobWriter:
+        """Start writing content that must hash to `digest`, reserving `size` bytes (the
+        expected length, when known) under the cap first; CacheFull when it cannot fit.
+        Writes past the reservation reserve more, and may raise CacheFull too."""
+        ...
+
+    async def delete(self, digest: str) -> bool:
+        """Remove a published blob whatever its leases; whether it existed."""
+        ...
+
+    def lease(self, digest: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Keep `digest` from eviction while the context is open (reads and fills)."""
+        ...
+
+    async def gc(self) -> list[tuple[str, int]]:
+        """Evict least-recently-used blobs until under the size cap; (digest, size) each."""
+        ...
+
+    async def verify(self, *, remove: bool = False) -> list[str]:
+        """Re-hash every published blob; the digests whose content is wrong (removed
+        when `remove`)."""
+        ...
+
+    async def stats(self) -> BlobStats:
+        """Counts for `cache stats` and metrics."""
+        ...
+
+
+class _ThreadedFd:
+    """A file descriptor whose blocking calls run in a worker thread.
+
+    A cancelled caller does not stop the thread; `close` waits for the call in flight so
+    the descriptor number cannot be reused (by another open) while a thread still writes
+    or reads through it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._pending: asyncio.Future[Any] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    async def call(self, fn: Callable[[int], T]) -> T:
+        if self.fd < 0:
+            raise ValueError("file descriptor is closed")
+        future = asyncio.get_running_loop().run_in_executor(None, fn, self.fd)
+        self._pending = future
+        return await asyncio.shield(future)
+
+    async def close(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            if not pending.done():
+                await asyncio.wait([pending])
+            if not pending.cancelled():
+                # Retrieved so a failure nobody awaited (the caller was cancelled) is not
+                # reported as "never retrieved".
+                pending.exception()
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class _FdReader:
+    """`BlobReader` over an open descriptor (its own, so others may close theirs)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = _ThreadedFd(fd)
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        return await self._fd.call(lambda fd: os.pread(fd, size, offset))
+
+    async def aclose(self) -> None:
+        await self._fd.close()
+
+
+@dataclass(slots=True)
+class _Entry:
+    size: int
+    persisted: float  # monotonic time the file's mtime was last refreshed
+
+
+class FilesystemBlobStore:
+    """`BlobStore` on a local directory (the embedded default)."""
+
+    def __init__(
+        self,
+        root: Path,
+        max_size: int,
+        *,
+        protected: Callable[[], Collection[str]] | None = None,
+        on_evict: EvictHook | None = None,
+    ) -> None:
+        self.root = root
+        self.max_size = max_size
+        self._protected = protected
+        self._on_evict = on_evict
+        self._blobs = root / "blobs"
+        self._tmp = root / "tmp"
+        # Least recently used first.
+        self._index: OrderedDict[str, _Entry] = OrderedDict()
+        self._total = 0
+        # Bytes reserved by fills in progress, and bytes no longer indexed but still on
+        # disk (unlinking, or deleted while leased: the lease holders may have them open).
+        self._filling = 0
+        self._unlinking = 0
+        self._removed_open: dict[str, int] = {}
+        self._leases: dict[str, int] = {}
+        self._removing: dict[str, asyncio.Event] = {}
+        self._gc_lock = asyncio.Lock()
+        self._lock_fd = -1
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self, *, exclusive: bool = True) -> None:
+        """Create the layout and load the index.
+
+        `exclusive` (the gate) locks the directory and removes fills a dead process left
+        behind; without it (read-only tools such as `cache verify` beside a running
+        gate) nothing is locked or removed.
+        """
+        await asyncio.to_thread(self._open_sync, exclusive)
+
+    def _open_sync(self, exclusive: bool) -> None:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for algorithm in _ALGORITHMS:
+            (self._blobs / algorithm).mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StorageLocked(f"another registry-gate process uses {self.root}") from None
+            self._lock_fd = fd
+            for leftover in self._tmp.iterdir():
+                log.info("removing unfinished fill %s", leftover.name)
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+        else:
+            # Beside a running gate: its fills in progress, as far as written.
+            self._filling = _tree_bytes(self._tmp)
+        found: list[tuple[float, str, int]] = []
+        for algorithm in _ALGORITHMS:
+            with os.scandir(self._blobs / algorithm) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if len(name) != _HEX_LENGTH[algorithm] or not _is_hex(name):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    found.append((st.st_mtime, f"{algorithm}:{name}", st.st_size))
+        found.sort()
+        now = time.monotonic()
+        self._index = OrderedDict((digest, _Entry(size, now)) for _, digest, size in found)
+        self._total = sum(size for _, _, size in found)
+
+    async def close(self) -> None:
+        """Release the directory lock (fills in progress are their owners' to abort)."""
+        if self._lock_fd >= 0:
+            fd, self._lock_fd = self._lock_fd, -1
+            os.close(fd)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        """Where a published blob lives (whether or not it exists)."""
+        algorithm, _, hexpart = validate_digest(digest).partition(":")
+        return self._blobs / algorithm / hexpart
+
+    async def path_for(self, digest: str) -> Path | None:
+        entry = self._index.get(digest)
+        if entry is None:
+            return None
+        self._index.move_to_end(digest)
+        path = self.blob_path(digest)
+        now = time.monotonic()
+        if now - entry.persisted >= ACCESS_PERSIST_INTERVAL:
+            entry.persisted = now
+            try:
+                await asyncio.to_thread(os.utime, path)
+            except FileNotFoundError:
+                # Removed behind the gate's back: forget it rather than serve a 404 later.
+                self._forget(digest)
+                return None
+        return path
+
+    async def stat(self, digest: str) -> int | None:
+        entry = self._index.get(digest)
+        return None if entry is None else entry.size
+
+    async def open_reader(self, digest: str) -> BlobReader | None:
+        path = await self.path_for(digest)
+        if path is None:
+            return None
+        try:
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget(digest)
+            return None
+        return _FdReader(fd)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, digest: str) -> AsyncIterator[None]:
+        self._leases[digest] = self._leases.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            count = self._leases[digest] - 1
+            if count:
+                self._leases[digest] = count
+            else:
+                del self._leases[digest]
+                # The last holder is gone: a blob deleted under it has left the disk.
+                self._removed_open.pop(digest, None)
+
+    @property
+    def used(self) -> int:
+        """Blob bytes on disk (published, reserved by fills, not yet gone): what the cap
+        bounds."""
+        return self._total + self._filling + self._unlinking + sum(self._removed_open.values())
+
+    async def stats(self) -> BlobStats:
+        return BlobStats(
+            len(self._index),
+            self._total,
+            self.max_size,
+            len(self._leases),
+            self._filling,
+            self._unlinking + sum(self._removed_open.values()),
+        )
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def begin_fill(self, digest: str, size: int | None = None) -> BlobWriter:
+        algorithm, _, hexpart = validate_digest(digest).partition(":")
+        reserved = size or 0
+        await self._reserve(reserved)
+        try:
+            fd, name = await asyncio.to_thread(
+                tempfile.mkstemp, prefix=f"{hexpart[:16]}.", suffix=".part", dir=self._tmp
+            )
+        except BaseException:
+            self._release(reserved)
+            raise
+        return _FilesystemBlobWriter(self, digest, algorithm, hexpart, fd, Path(name), reserved)
+
+    async def _reserve(self, size: int) -> None:
+        """Count `size` more bytes of a fill against the cap, evicting to make room;
+        CacheFull (and nothing evicted) when it cannot fit."""
+        if size <= 0:
+            return
+        if size > self.max_size:
+            raise CacheFull(f"{size} bytes exceed the cache cap of {self.max_size}", never=True)
+        if self.used + size <= self.max_size:
+            self._filling += size
+            return
+        await self._evict(incoming=size, reserve=True)
+
+    def _release(self, size: int) -> None:
+        self._filling -= size
+
+    def _publish(self, digest: str, size: int, reserved: int) -> None:
+        # Called at once after the rename (no await between): the blob is now visible,
+        # its reservation becomes it.
+        old = self._index.pop(digest, None)
+        if old is not None:
+            # The rename replaced the old file: its bytes left the disk.
+            self._total -= old.size
+        self._index[digest] = _Entry(size, time.monotonic())
+        self._total += size
+        self._filling -= reserved
+
+    async def _wait_removal(self, digest: str) -> None:
+        # An eviction of this digest may still be unlinking its old file; a rename before
+        # that unlink would have the new blob deleted.
+        while (event := self._removing.get(digest)) is not None:
+            await event.wait()
+
+    def _forget(self, digest: str) -> _Entry | None:
+        entry = self._index.pop(digest, None)
+        if entry is not None:
+            self._total -= entry.size
+        return entry
+
+    async def _remove(self, victims: list[tuple[str, int]]) -> None:
+        events = {digest: asyncio.Event() for digest, _ in victims}
+        self._removing.update(events)
+        # Still on disk until unlinked: counted, so no reservation takes the space early.
+        removing = sum(size for _, size in victims)
+        self._unlinking += removing
+        try:
+            paths = [self.blob_path(digest) for digest, _ in victims]
+            await asyncio.to_thread(_unlink_all, paths)
+        finally:
+            self._unlinking -= removing
+            for digest, event in events.items():
+                del self._removing[digest]
+                event.set()
+
+    async def delete(self, digest: str) -> bool:
+        entry = self._forget(digest)
+        if entry is None:
+            return False
+        if digest in self._leases:
+            # Unlinked, but a holder may have it open: its bytes stay until the lease ends.
+            self._removed_open[digest] = self._removed_open.get(digest, 0) + entry.size
+        await self._remove([(digest, entry.size)])
+        return True
+
+    async def gc(self) -> list[tuple[str, int]]:
+        return await self._evict(incoming=0)
+
+    async def _evict(self, incoming: int, *, reserve: bool = False) -> list[tuple[str, int]]:
+        """Evict least-recently-used blobs until `incoming` more bytes fit under the cap.
+
+        With `reserve`, all or nothing: the bytes are reserved for a fill once room is
+        made, and CacheFull is raised, evicting nothing, when eviction cannot make room.
+        """
+        async with self._gc_lock:
+            excess = self.used + incoming - self.max_size
+            victims: list[tuple[str, int]] = []
+            if excess > 0:
+                protected = frozenset(self._protected()) if self._protected else frozenset()
+                for digest, entry in self._index.items():
+                    if excess <= 0:
+                        break
+                    if digest in self._leases or digest in protected:
+                        continue
+                    victims.append((digest, entry.size))
+                    excess -= entry.size
+                if excess > 0 and reserve:
+                    raise CacheFull(
+                        f"no room for {incoming} bytes: the rest of the cache is in use"
+                    )
+            if reserve:
+                self._filling += incoming
+            for digest, _ in victims:
+                self._forget(digest)
+            if victims:
+                await self._remove(victims)
+            if excess > 0:
+                log.warning(
+                    "blob cache over its cap by %d bytes: the rest is leased or pinned", excess
+                )
+        if self._on_evict is not None:
+            for digest, size in victims:
+                result = self._on_evict(digest, size)
+                if inspect.isawaitable(result):
+                    await result
+        return victims
+
+    async def verify(self, *, remove: bool = False) -> list[str]:
+        bad: list[str] = []
+        for digest in list(self._index):
+            entry = self._index.get(digest)
+            if entry is None:
+                continue  # evicted meanwhile
+            async with self.lease(digest):
+                ok = await asyncio.to_thread(_file_matches, self.blob_path(digest), digest)
+            if ok is None:
+                self._forget(digest)
+            elif not ok:
+                bad.append(digest)
+                if remove:
+                    await self.delete(digest)
+        return bad
+
+
+class _FilesystemBlobWriter:
+    """A fill into `<root>/tmp/`, published by rename into `<root>/blobs/`."""
+
+    def __init__(
+        self,
+        store: FilesystemBlobStore,
+        digest: str,
+        algorithm: str,
+        hexpart: str,
+        fd: int,
+        path: Path,
+        reserved: int,
+    ) -> None:
+        self._store = store
+        self._reserved = reserved
+        self._digest = digest
+        self._hexpart = hexpart
+        self._hash = hashlib.new(algorithm)
+        self._fd = _ThreadedFd(fd)
+        self._path = path
+        self._written = 0
+        self._finished = False
+        self._committed = False
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    async def write(self, chunk: bytes) -> None:
+        if self._finished:
+            raise ValueError("write after commit or abort")
+        beyond = self._written + len(chunk) - self._reserved
+        if beyond > 0:
+            # Size unknown (or exceeded): reserve as the bytes come, before writing them.
+            await self._store._reserve(beyond)
+            self._reserved += beyond
+
+        def write(fd: int) -> None:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            # After the write: hashlib releases the GIL for large buffers, so this runs
+            # in the worker thread too.
+            self._hash.update(chunk)
+
+        await self._fd.call(write)
+        self._written += len(chunk)
+
+    def open_reader(self) -> BlobReader:
+        if not self._fd.closed:
+            return _FdReader(os.dup(self._fd.fd))
+        if not self._committed:
+            raise ValueError("the fill was aborted")
+        # Only in the moment between publishing and the coordinator noticing it: one
+        # open of a local file, not worth a thread hop.
+        return _FdReader(os.open(self._store.blob_path(self._digest), os.O_RDONLY))
+
+    async def commit(
+        self, expected_size: int | None = None, on_verified: Callable[[], None] | None = None
+    ) -> None:
+        if self._finished:
+            raise ValueError("commit after commit or abort")
+        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if actual != self._digest or (expected_size is not None and expected_size != self._written):
+            await self.abort()
+            raise DigestInvalid(
+                "content does not match its digest",
+                detail={
+                    "digest": self._digest,
+                    "received": actual,
+                    "size": self._written,
+                    "expected_size": expected_size,
+                },
+            )
+        if on_verified is not None:
+            on_verified()
+        # The room was reserved before the bytes were written: publishing only moves the
+        # reservation into the index.
+        await self._store._wait_removal(self._digest)
+        final = self._store.blob_path(self._digest)
+        try:
+            await self._fd.call(lambda fd: make_durable(fd, self._path, final))
+        except BaseException:
+            await self.abort()
+            raise
+        self._finished = self._committed = True
+        self._store._publish(self._digest, self._written, self._reserved)
+        await self._fd.close()
+
+    async def abort(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        await self._fd.close()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(self._path.unlink)
+        finally:
+            # After the unlink: until then the bytes are on disk.
+            self._store._release(self._reserved)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # The index already forgot it; a file that cannot be removed is only wasted
+            # space until the next start rescans (it was verified when published).
+            log.error("cannot remove %s: %s", path, os.strerror(exc.errno or errno.EIO))
+
+
+def _tree_bytes(folder: Path) -> int:
+    """Bytes of the files directly in `folder` (ones vanishing meanwhile are skipped)."""
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def _file_matches(path: Path, digest: str) -> bool | None:
+    """Whether the file hashes to `digest`; None when it is gone."""
+    algorithm, _, hexpart = digest.partition(":")
+    hasher = hashlib.new(algorithm)
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(HASH_CHUNK):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return None
+    return hasher.hexdigest() == hexpart
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)

@@ -1,0 +1,1 @@
+"""Upstream registries: the client, its auth dance, egress rules and breakers."""
