@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -165,6 +166,31 @@ class RedisSettings(_Strict):
 
     def password(self) -> str | None:
         return read_secret(self.password_env, self.password_file, "redis.password")
+
+
+class ReplicaSettings(_Strict):
+    """This process as one replica of several (names its audit chain, its fill leases)."""
+
+    id: str = Field(
+        default_factory=lambda: os.environ.get("HOSTNAME") or socket.gethostname(),
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="unique among replicas; default: the host name (the pod name)",
+    )
+    peer_url: str | None = Field(
+        default=None,
+        description="where other replicas reach this one (http://POD_IP:PORT); default: "
+        "built from listen",
+    )
+
+    @field_validator("peer_url")
+    @classmethod
+    def _peer_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
 
 
 class StorageSettings(_Strict):
@@ -467,6 +493,7 @@ class Settings(_Strict):
     redis: RedisSettings | None = Field(
         default=None, description="shared state of several replicas; omitted: in-process"
     )
+    replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
     tag_lists: TagListSettings = TagListSettings()
     upstreams: list[UpstreamSettings] = Field(min_length=1)
     push_registry: str | None = None
