@@ -136,8 +136,8 @@ class FillLeases:
             yield Claim(held=True, owner=self.me)
         finally:
             renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
+            # Not `await renewal`: its CancelledError must not pass for this task's own.
+            await asyncio.wait([renewal])
             try:
                 await lock.release()
             except (LockError, RedisError, OSError) as exc:
