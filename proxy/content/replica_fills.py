@@ -88,6 +88,9 @@ class ReplicaFills:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
+            # One connection per digest streamed at once: as many as fills run, no pool
+            # wait (which no timeout would bound).
+            connector=aiohttp.TCPConnector(limit=0),
             timeout=self._timeout,
             # Never a proxy from the environment, never decompressed: the bytes are hashed.
             trust_env=False,
