@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -47,6 +48,9 @@ PEER_CONNECT_TIMEOUT = 3.0
 # Claims tried before giving up on the lease and fetching upstream unleased (each waits
 # at most a lease bound): a holder that keeps failing its fills must not stall a miss.
 MAX_ROUNDS = 3
+# After Redis failed to answer, misses skip the lease for this long instead of each
+# spending the Redis timeouts first.
+REDIS_BACKOFF = 5.0
 
 
 class ReplicaFills:
@@ -69,6 +73,7 @@ class ReplicaFills:
             total=None, sock_connect=PEER_CONNECT_TIMEOUT, sock_read=peer_read_timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        self._leases_down_until = 0.0
         self._redis = redis  # closed with this service
 
     @classmethod
@@ -117,11 +122,12 @@ class ReplicaFills:
     async def _open(
         self, digest: str, open_upstream: OpenUpstream, stack: contextlib.AsyncExitStack
     ) -> UpstreamBlob:
-        for _ in range(MAX_ROUNDS):
+        rounds = MAX_ROUNDS if time.monotonic() >= self._leases_down_until else 0
+        for _ in range(rounds):
             try:
                 claim = await stack.enter_async_context(self.leases.claim(digest))
             except LeasesUnavailable as exc:
-                log.warning("fill leases unavailable (%s): fetching %s unleased", exc, digest)
+                self._leases_down(exc, digest)
                 break
             if claim.held:
                 self._count("upstream")
@@ -137,7 +143,7 @@ class ReplicaFills:
             try:
                 changed = await self.leases.wait_changed(digest, claim.token)
             except LeasesUnavailable as exc:
-                log.warning("fill leases unavailable (%s): fetching %s unleased", exc, digest)
+                self._leases_down(exc, digest)
                 break
             if not changed:
                 log.warning(
@@ -172,6 +178,15 @@ class ReplicaFills:
             return None
         stack.callback(response.release)
         return UpstreamBlob(response.content_length, _chunks(response, owner))
+
+    def _leases_down(self, error: LeasesUnavailable, digest: str) -> None:
+        log.warning(
+            "fill leases unavailable (%s): fetching %s unleased, and other misses for %.0f s",
+            error,
+            digest,
+            REDIS_BACKOFF,
+        )
+        self._leases_down_until = time.monotonic() + REDIS_BACKOFF
 
     def _count(self, source: str) -> None:
         if self._metrics is not None:
