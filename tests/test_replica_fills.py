@@ -200,3 +200,30 @@ async def test_redis_down_fetches_unleased_and_skips_redis_for_a_while(
         assert upstream.opens == 2 and count(metrics, "unleased") == 2
     finally:
         await down.aclose()
+
+
+async def test_a_former_run_of_this_replica_is_not_asked(redis: Redis, metrics: Metrics) -> None:
+    hits: list[str] = []
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        hits.append(request.path)
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_get("/_replica/fills/{digest}", endpoint)
+    upstream, digest = Upstream(), fresh_digest()
+    async with TestServer(app, host="127.0.0.1") as server:
+        url = str(server.make_url("")).rstrip("/")
+        fills = ReplicaFills(
+            FillLeases(redis, "b", url, LEASE), ReplicaSigner(SECRET), metrics, peer_read_timeout=5
+        )
+        await fills.start()
+        try:
+            # Killed and restarted at the same address within the lease: its old token.
+            former = LeaseOwner("b", url, "former-run")
+            await redis.set(KEY_PREFIX + digest, former.token(), px=int(LEASE * 1000))
+            assert await read(fills, digest, upstream) == upstream.body
+        finally:
+            await fills.close()
+    assert hits == []
+    assert upstream.opens == 1 and count(metrics, "upstream") == 1

@@ -135,7 +135,9 @@ class ReplicaFills:
                 return await stack.enter_async_context(open_upstream())
             if claim.token is None:
                 continue  # released meanwhile: claim again
-            if claim.owner is not None:
+            # A holder at our own address is a former run of this replica (restarted
+            # within the lease): asking ourselves would find this very fill, unopened.
+            if claim.owner is not None and claim.owner.url != self.leases.me.url:
                 blob = await self._open_peer(digest, claim.owner, stack)
                 if blob is not None:
                     self._count("peer")
