@@ -22,9 +22,11 @@ from proxy.auth.tokens import TokenIssuer, TokenVerifier, load_private_key
 from proxy.auth.upload_tokens import UploadSealer
 from proxy.content.pull_through import PullThrough
 from proxy.content.push import Pusher
+from proxy.content.replica_fills import ReplicaFills
 from proxy.http.drain import DRAIN, Drain, drain_middleware
 from proxy.http.middleware import auth_middleware, error_middleware
 from proxy.http.operator_routes import add_operator_routes
+from proxy.http.replica_routes import add_replica_routes
 from proxy.http.routes import add_routes
 from proxy.http.token_routes import add_token_routes
 from proxy.observability.audit import AuditLog
@@ -66,6 +68,7 @@ def build_services(settings: Settings) -> Services:
         metrics=metrics,
         tag_lists=settings.tag_lists,
         revalidate_grace=settings.storage.revalidate_grace,
+        replicas=ReplicaFills.from_settings(settings, metrics),
     )
     audit = AuditLog.from_settings(settings.audit, metrics=metrics)
     pins_path = settings.policy.pins_path
@@ -153,6 +156,16 @@ async def _cache_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await pull.cache.close()
 
 
+async def _replica_fills_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    replicas = app[SERVICES].pull.replicas
+    if replicas is None:
+        yield
+        return
+    await replicas.start()
+    yield
+    await replicas.close()
+
+
 async def _policy_watch_lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     if not services.settings.policy.watch:
@@ -189,10 +202,14 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     app[SERVICES] = services or build_services(settings)
     app[DRAIN] = Drain()
     app.cleanup_ctx.append(_audit_lifecycle)
+    # Before the cache: closed after it, so fills cut by the shutdown release their leases.
+    app.cleanup_ctx.append(_replica_fills_lifecycle)
     app.cleanup_ctx.append(_cache_lifecycle)
     app.cleanup_ctx.append(_policy_watch_lifecycle)
     app.cleanup_ctx.append(_upstream_lifecycle)
     add_routes(app)
+    if app[SERVICES].pull.replicas is not None:
+        add_replica_routes(app)
     add_token_routes(app)
     add_operator_routes(
         app,

@@ -181,6 +181,13 @@ class ReplicaSettings(_Strict):
         description="where other replicas reach this one (http://POD_IP:PORT); default: "
         "built from listen",
     )
+    fill_lease: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=300,
+        description="seconds a replica's claim to fill a digest outlives its last renewal "
+        "(renewed every third of it): within this, another replica takes over a dead fill",
+    )
 
     @field_validator("peer_url")
     @classmethod
@@ -562,6 +569,31 @@ class Settings(_Strict):
         if self.push_registry is not None and normalize_registry(self.push_registry) not in names:
             raise ValueError(f"push_registry {self.push_registry!r} is not an upstream")
         return self
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Settings:
+        # Replicas stream fills to each other, authenticated with the shared secret, at
+        # the URL each announces: without either, they could not (and would not say so).
+        if self.redis is None:
+            return self
+        if not self.upload_secret:
+            raise ValueError(
+                "redis is set: upload_secret must be set too, the same on every replica"
+            )
+        if self.replica.peer_url is None and host_port(self.listen)[0] in ("0.0.0.0", "::"):
+            raise ValueError(
+                "redis is set and listen is a wildcard address: set replica.peer_url to the "
+                "address other replicas reach this one at"
+            )
+        return self
+
+    def peer_url(self) -> str:
+        """Where other replicas reach this one: `replica.peer_url`, else built from listen."""
+        if self.replica.peer_url is not None:
+            return self.replica.peer_url
+        host, port = host_port(self.listen)
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def upstream(self, registry: str) -> UpstreamSettings | None:
         """The upstream entry for a (normalised) registry name."""

@@ -471,3 +471,69 @@ async def test_a_relayed_blob_with_bad_content_ends_short(tmp_path: Path) -> Non
     assert upstream.opens == upstream.closed
     await coordinator.close()
     await store.close()
+
+
+# --- what another replica streams (follow) and where a fill gets its bytes (fill_source) --
+
+
+async def test_follow_never_starts_a_fill(coordinator: FillCoordinator) -> None:
+    async with coordinator.follow(sha(b"nobody fills this")) as blob:
+        assert blob is None
+    assert coordinator.in_flight == 0
+
+
+async def test_follow_reads_a_running_fill_tail_withheld_then_whole(
+    coordinator: FillCoordinator,
+) -> None:
+    body = os.urandom(SIZE)
+    digest = sha(body)
+    upstream = FakeUpstream(body, pause_at=len(body))  # everything sent, not yet ended
+    local = asyncio.create_task(read_all(coordinator, digest, upstream))
+    await upstream.paused.wait()
+    async with coordinator.follow(digest) as blob:
+        assert blob is not None and blob.size == len(body) and not blob.cached
+        received = b""
+        # Until the fill verifies, the follower gets all but the withheld tail.
+        while len(received) < len(body) - TAIL_HOLD:
+            received += await anext(blob)
+        assert received == body[: len(body) - TAIL_HOLD]
+        upstream.release.set()
+        async for chunk in blob:
+            received += chunk
+    assert received == body
+    assert await local == body
+    assert upstream.opens == 1
+    # Once cached, a follower reads the cache.
+    await coordinator.drain()
+    async with coordinator.follow(digest) as cached:
+        assert cached is not None and cached.cached
+        assert b"".join([chunk async for chunk in cached]) == body
+
+
+async def test_a_failed_fill_fails_its_follower(coordinator: FillCoordinator) -> None:
+    body = os.urandom(SIZE)
+    digest = sha(body)
+    upstream = FakeUpstream(body, fail_after=128 * 1024, pause_at=64 * 1024)
+    local = asyncio.create_task(read_all(coordinator, digest, upstream))
+    await upstream.paused.wait()
+    async with coordinator.follow(digest) as blob:
+        assert blob is not None
+        upstream.release.set()
+        with pytest.raises(RegistryError):
+            async for _ in blob:
+                pass
+    with pytest.raises(RegistryError):
+        await local
+    async with coordinator.follow(digest) as after:
+        assert after is None
+
+
+async def test_a_fill_source_feeds_the_fill_instead_of_the_upstream(
+    coordinator: FillCoordinator,
+) -> None:
+    body = os.urandom(SIZE)
+    digest = sha(body)
+    upstream, peer = FakeUpstream(body), FakeUpstream(body)
+    async with coordinator.stream(digest, upstream.open, fill_source=peer.open) as blob:
+        assert b"".join([chunk async for chunk in blob]) == body
+    assert (peer.opens, upstream.opens) == (1, 0)

@@ -34,6 +34,7 @@ from proxy.content.manifest_checks import (
     digest_of,
     inspect_manifest,
 )
+from proxy.content.replica_fills import ReplicaFills
 from proxy.content.singleflight import RelayedBlob, StreamedBlob, UpstreamBlob
 from proxy.errors import (
     ServiceUnavailable,
@@ -100,8 +101,11 @@ class PullThrough:
         *,
         tag_lists: TagListSettings | None = None,
         revalidate_grace: float = 0.0,
+        replicas: ReplicaFills | None = None,
     ) -> None:
         self.clients = clients
+        # With Redis: fills are single-flight across replicas too (one upstream fetch).
+        self.replicas = replicas
         self._cache = cache
         self.metrics = metrics
         self.revalidate_grace = revalidate_grace
@@ -426,7 +430,10 @@ class PullThrough:
                 if inflight is not None:
                     inflight.dec()
 
-        async with self.cache.fills.stream(digest, open_upstream, upstream=upstream) as blob:
+        source = self.replicas.source(digest, open_upstream) if self.replicas else None
+        async with self.cache.fills.stream(
+            digest, open_upstream, upstream=upstream, fill_source=source
+        ) as blob:
             yield blob
         await self.cache.record(repository, (digest,))
 

@@ -341,9 +341,11 @@ class FillCoordinator:
         offset: int = 0,
         length: int | None = None,
         upstream: str = "unknown",
+        fill_source: OpenUpstream | None = None,
     ) -> AsyncIterator[StreamedBlob | RelayedBlob]:
         """The blob from `offset` (at most `length` bytes): cached, or joining or starting
-        the fill of `digest` with `open_upstream`.
+        the fill of `digest` with `fill_source` (default: `open_upstream`, which relays
+        use: a fill's source may be another replica's fill, see `replica_fills`).
 
         Entering waits until the source is known (the upstream answered, with its
         length); errors before that (BlobUnknown, Denied, UpstreamUnavailable...) are
@@ -355,7 +357,9 @@ class FillCoordinator:
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length must not be negative")
         async with self._store.lease(digest):
-            blob = await self._attach(digest, open_upstream, offset, length, upstream)
+            blob = await self._attach(
+                digest, open_upstream, fill_source or open_upstream, offset, length, upstream
+            )
             try:
                 yield blob
             finally:
@@ -365,6 +369,7 @@ class FillCoordinator:
         self,
         digest: str,
         open_upstream: OpenUpstream,
+        fill_source: OpenUpstream,
         offset: int,
         length: int | None,
         upstream: str,
@@ -382,7 +387,7 @@ class FillCoordinator:
             # The awaits above let another request start a fill meanwhile.
             fill = self._fills.get(digest)
             if fill is None or fill.committed:
-                fill = self._start(digest, open_upstream, upstream)
+                fill = self._start(digest, fill_source, upstream)
         while not fill.opened and fill.error is None:
             await fill.changed()
         if fill.no_room:
@@ -402,6 +407,42 @@ class FillCoordinator:
                 await fill.changed()
             raise fill.failure() from None
         return self._streamed(reader, fill.size, offset, length, fill)
+
+    @contextlib.asynccontextmanager
+    async def follow(self, digest: str) -> AsyncIterator[StreamedBlob | None]:
+        """The whole blob from the fill of `digest` running here, or from the cache; None
+        when neither (no fill, or it failed or found no room). Never starts a fill, never
+        reaches an upstream: this is what another replica streams from (`replica_fills`),
+        with the same withheld tail as a local reader."""
+        async with self._store.lease(digest):
+            blob = await self._follow(digest)
+            try:
+                yield blob
+            finally:
+                if blob is not None:
+                    await blob.aclose()
+
+    async def _follow(self, digest: str) -> StreamedBlob | None:
+        fill = self._fills.get(digest)
+        if fill is None or fill.committed:
+            size = await self._store.stat(digest)
+            if size is not None:
+                reader = await self._store.open_reader(digest)
+                if reader is not None:
+                    return self._streamed(reader, size, 0, None, None)
+            fill = self._fills.get(digest)
+            if fill is None or fill.committed:
+                return None
+        while not fill.opened and fill.error is None:
+            await fill.changed()
+        if fill.no_room or fill.error is not None:
+            return None
+        assert fill.writer is not None
+        try:
+            reader = fill.writer.open_reader()
+        except ValueError:
+            return None  # aborted: the fill failed
+        return self._streamed(reader, fill.size, 0, None, fill)
 
     def _streamed(
         self,

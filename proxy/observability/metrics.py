@@ -246,6 +246,22 @@ class Metrics:
             ["upstream"],
             registry=registry,
         )
+        self.replica_fill_sources = Counter(
+            "registry_gate_replica_fill_sources_total",
+            "Cache fills started on this replica with Redis configured, by where their bytes "
+            "came from (upstream: this replica held the fill lease; peer: streamed from the "
+            "replica holding it; unleased: fetched upstream without a lease, Redis being "
+            "unavailable or the holder unreachable past the lease bound).",
+            ["source"],
+            registry=registry,
+        )
+        self.replica_streams_served = Counter(
+            "registry_gate_replica_streams_served_total",
+            "Fill streams requested by other replicas, by outcome (ok, failed: ended short, "
+            "not_found: no such fill or cached blob here, refused: not authenticated).",
+            ["outcome"],
+            registry=registry,
+        )
         self.stale_served = Counter(
             "registry_gate_stale_served_total",
             "Cached answers served stale because their upstream failed, by upstream and kind "
