@@ -137,7 +137,8 @@ class ReferrersUpstream:
                 setattr(behaviour, name, value)
             return behaviour
 
-        return self._call(update)
+        behaviour: Behaviour = self._call(update)
+        return behaviour
 
     def hold(self, repository: str) -> asyncio.Event:
         """Make `repository`'s referrers answers wait; set the event (``release``) to go."""
@@ -204,11 +205,12 @@ class ReferrersUpstream:
         headers = {"Docker-Content-Digest": digest}
         subject = document.get("subject")
         if isinstance(subject, dict):
-            found = {"mediaType": MANIFEST, "digest": digest, "size": len(body)}
-            if "artifactType" in document:
-                found["artifactType"] = document["artifactType"]
+            artifact_type = document.get("artifactType")
+            found: dict[str, Any] = {"mediaType": MANIFEST, "digest": digest, "size": len(body)}
+            if isinstance(artifact_type, str):
+                found["artifactType"] = artifact_type
             self._table.setdefault((repository, subject["digest"]), []).append(
-                _Referrer(found, found.get("artifactType"))
+                _Referrer(found, artifact_type if isinstance(artifact_type, str) else None)
             )
             headers["OCI-Subject"] = subject["digest"]
         return web.Response(status=201, headers=headers)
