@@ -220,6 +220,11 @@ def test_upstream_down_serves_the_stale_answer_with_a_warning_within_stale_limit
     assert stale.header("Warning") == STALE_WARNING
     after = scrape(expiring.url).value(STALE, upstream=REGISTRY, kind="referrers")
     assert after == before + 1
+    audit = Path(expiring.config["audit"]["path"]).read_text().splitlines()
+    records = [json.loads(line) for line in audit if line.strip()]
+    stale_serves = [r for r in records if r.get("event") == "stale_serve"]
+    assert stale_serves and stale_serves[-1]["digest"] == digest, records[-3:]
+    assert stale_serves[-1]["upstream"] == REGISTRY
     # Never cached: nothing to serve stale.
     assert_unavailable(referrers(expiring, repository(), digest))
 
@@ -263,7 +268,13 @@ def test_each_repository_has_its_own_answer_for_one_subject(
 ) -> None:
     first, second, digest = repository(), repository(), subject()
     in_first = seeded(upstream, first, digest)
-    assert listed(referrers(cached, first, digest)) == in_first
+    answer = referrers(cached, first, digest)
+    assert listed(answer) == in_first
+    # The cached answer is no manifest of the repository (the upstream has none such).
+    as_manifest = request(
+        cached.url, "GET", f"/v2/{REGISTRY}/{first}/manifests/{sha256(answer.body)}"
+    )
+    assert as_manifest.status == 404 and as_manifest.error_codes == ["MANIFEST_UNKNOWN"]
     # The same subject digest in another repository: its own upstream request and list.
     assert listed(referrers(cached, second, digest)) == []
     in_second = descriptor(f"{second}-only", SIGNATURE)
