@@ -26,7 +26,6 @@ from aiohttp.abc import AbstractStreamWriter
 from cachetools import LRUCache
 from multidict import CIMultiDict
 
-from proxy.content import referrers
 from proxy.content.coalesce import Coalescer
 from proxy.content.manifest_checks import (
     MAX_MANIFEST_SIZE,
@@ -34,6 +33,7 @@ from proxy.content.manifest_checks import (
     digest_of,
     inspect_manifest,
 )
+from proxy.content.referrers_answers import ReferrersAnswer, ReferrersService
 from proxy.content.replica_fills import ReplicaFills
 from proxy.content.singleflight import RelayedBlob, StreamedBlob, UpstreamBlob
 from proxy.errors import (
@@ -47,10 +47,9 @@ from proxy.observability.metrics import Metrics
 from proxy.settings import TagListSettings
 from proxy.storage.cache import Cache
 from proxy.storage.manifest_cache import TagEntry
-from proxy.upstream.client import UpstreamClient, read_capped
+from proxy.upstream.client import UpstreamClient
 from proxy.upstream.tag_lists import TagListFetcher
 
-EMPTY_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 # What a resolution probe accepts: any image manifest or index.
 PROBE_ACCEPT = (
     "application/vnd.oci.image.index.v1+json",
@@ -118,13 +117,16 @@ class PullThrough:
             tuple[Repository, str, tuple[str, ...]], ManifestResult
         ] = Coalescer("manifest fetch")
         self._held_checks: Coalescer[tuple[Repository, str], None] = Coalescer("repository check")
-        self.referrers_fallback = referrers.ReferrersFallback(clients)
+        self.referrers_answers = ReferrersService(
+            clients, lambda: self.cache, metrics, revalidate_grace=revalidate_grace
+        )
 
     async def close(self) -> None:
         """Cancel the upstream exchanges still running for requests (shutdown): before
         the upstream clients and the cache close under them."""
         for flights in (self._revalidations, self._manifest_fetches, self._held_checks):
             await flights.close()
+        await self.referrers_answers.close()
         await self._tag_lists.close()
 
     @property
@@ -458,52 +460,10 @@ class PullThrough:
 
     async def referrers(
         self, repository: Repository, digest: str, artifact_type: str | None
-    ) -> tuple[bytes, CIMultiDict[str]]:
-        """The referrers index: the upstream's API, or else its referrers tag schema (an
-        index under the tag `<alg>-<hex>`), or else an empty index; filtered by
-        `artifactType` here when the upstream did not filter."""
-        client = self.client(repository)
-        query = [("artifactType", artifact_type)] if artifact_type else []
-        response = await client.request(
-            "GET",
-            f"/v2/{repository.path}/referrers/{digest}",
-            kind="referrers",
-            repository=repository.path,
-            query=query,
-            headers={"Accept": EMPTY_INDEX_TYPE},
-        )
-        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": EMPTY_INDEX_TYPE})
-        if response.status == 404:
-            # No referrers API (Distribution 2.8 answers 404 to the path).
-            response.release()
-            document = await self.referrers_fallback.read(repository, digest)
-            filtered = False
-        else:
-            await client.raise_for_status(response, "referrers")
-            try:
-                body = await read_capped(response, MAX_MANIFEST_SIZE, client.name)
-            finally:
-                response.release()
-            try:
-                document = referrers.parse_index(body)
-            except (ValueError, RecursionError) as exc:
-                raise UpstreamUnavailable(
-                    f"upstream {client.name} sent a referrers answer that is not an index"
-                ) from exc
-            filtered = referrers.FILTERS_APPLIED in response.headers
-        document = document or referrers.empty_index()
-        # The answer is always an OCI index of this repository's referrers, whatever the
-        # fallback tag's own annotations said.
-        document = {
-            "schemaVersion": 2,
-            "mediaType": EMPTY_INDEX_TYPE,
-            "manifests": document["manifests"],
-        }
-        if artifact_type:
-            if not filtered:
-                document = referrers.filter_by_artifact_type(document, artifact_type)
-            headers[referrers.FILTERS_APPLIED] = "artifactType"
-        return referrers.encode(document), headers
+    ) -> ReferrersAnswer:
+        """The referrers index of `digest` (`proxy.content.referrers_answers`): cached
+        from the upstream's API, or built from its referrers tag schema."""
+        return await self.referrers_answers.answer(repository, digest, artifact_type)
 
     async def repository_exists(self, repository: Repository) -> bool:
         """Whether the upstream knows the repository (its tag list); False only on 404."""

@@ -223,12 +223,26 @@ async def _referrers(
     request: web.Request, services: Services, target: Target, route: V2Route
 ) -> web.StreamResponse:
     assert route.ref is not None
-    access = await services.gatekeeper.check_pull(_context(request), target, None, "referrers")
-    repository = access.location
-    body, headers = await services.pull.referrers(
-        repository, route.ref, request.query.get("artifactType")
+    context = _context(request)
+    access = await services.gatekeeper.check_pull(context, target, None, "referrers")
+    answer = await services.pull.referrers(
+        access.location, route.ref, request.query.get("artifactType")
     )
-    return web.Response(status=200, body=body, headers=headers)
+    headers = answer.headers()
+    if answer.stale is not None:
+        headers["Warning"] = '110 registry-gate "Response is stale: upstream unavailable"'
+        await services.gatekeeper.record(
+            context,
+            event="stale_serve",
+            action="pull",
+            name=target.requested,
+            access=access,
+            digest=route.ref,
+            status=200,
+            reason=answer.stale,
+            extra={"kind": "referrers"},
+        )
+    return web.Response(status=200, body=answer.body, headers=headers)
 
 
 def _body(request: web.Request) -> AsyncIterator[bytes] | None:
@@ -286,6 +300,10 @@ async def _write(
         await _forget_deleted(services, repository, route.ref)
     else:
         raise Unsupported(f"{method} is not supported on this endpoint")
+    subject = forwarded.headers.get("OCI-Subject") if route.kind == "manifest" else None
+    if subject is not None and forwarded.status < 300:
+        # A referrer of `subject` was pushed: its cached referrers answers are outdated.
+        await services.pull.referrers_answers.forget(repository, subject)
     if route.kind == "manifest" or method == "DELETE":
         await gatekeeper.record(
             context,

@@ -195,13 +195,13 @@ class Metrics:
         # Cache.
         self.cache_hits = Counter(
             "registry_gate_cache_hits_total",
-            "Requests answered from the cache, by kind (blob, manifest, tag).",
+            "Requests answered from the cache, by kind (blob, manifest, tag, referrers).",
             ["kind"],
             registry=registry,
         )
         self.cache_misses = Counter(
             "registry_gate_cache_misses_total",
-            "Requests the cache could not answer, by kind (blob, manifest, tag).",
+            "Requests the cache could not answer, by kind (blob, manifest, tag, referrers).",
             ["kind"],
             registry=registry,
         )
@@ -265,7 +265,7 @@ class Metrics:
         self.stale_served = Counter(
             "registry_gate_stale_served_total",
             "Cached answers served stale because their upstream failed, by upstream and kind "
-            "(tag).",
+            "(tag, referrers).",
             ["upstream", "kind"],
             registry=registry,
         )

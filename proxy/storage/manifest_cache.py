@@ -316,7 +316,9 @@ class TagIndex(Protocol):
         ...
 
     async def tags(self, repository: Repository) -> list[str]:
-        """The tags known for a repository, sorted (a tag list when upstream is down)."""
+        """The names known for a repository, sorted: its tags, and the entries of cached
+        referrers answers (`referrers/<digest>...`, never a valid tag; filter them out
+        before listing tags to a client)."""
         ...
 
 
