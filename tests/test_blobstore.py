@@ -45,12 +45,12 @@ async def test_publishes_only_after_verified_commit(store: FilesystemBlobStore) 
     for start in range(0, len(data), 65536):
         await writer.write(data[start : start + 65536])
         assert await store.stat(digest) is None
-        assert await store.path_for(digest) is None
+        assert await store.local_path(digest) is None
         assert await store.open_reader(digest) is None
     await writer.commit(len(data))
 
     assert await store.stat(digest) == len(data)
-    path = await store.path_for(digest)
+    path = await store.local_path(digest)
     assert path is not None
     assert path.read_bytes() == data
     assert path == store.root / "blobs" / "sha256" / digest.removeprefix("sha256:")
@@ -158,7 +158,7 @@ async def test_crash_mid_fill_leaves_nothing_served(tmp_path: Path) -> None:
     try:
         assert list((tmp_path / "tmp").iterdir()) == []
         assert await store.stat(digest) is None
-        assert await store.path_for(digest) is None
+        assert await store.local_path(digest) is None
         assert (await store.stats()).count == 0
         assert await store.verify() == []
     finally:
@@ -188,7 +188,7 @@ async def test_lru_eviction_holds_the_cap(tmp_path: Path) -> None:
     a = await put(store, b"a" * 1000)
     b = await put(store, b"b" * 1000)
     c = await put(store, b"c" * 1000)
-    assert await store.path_for(a) is not None  # a is now more recent than b
+    assert await store.local_path(a) is not None  # a is now more recent than b
     d = await put(store, b"d" * 1000)
 
     assert evicted == [(b, 1000)]
@@ -281,7 +281,7 @@ async def test_delete(store: FilesystemBlobStore) -> None:
     digest = await put(store, b"x" * 10)
     assert await store.delete(digest)
     assert not await store.delete(digest)
-    assert await store.path_for(digest) is None
+    assert await store.local_path(digest) is None
     assert (await store.stats()).count == 0
 
 

@@ -44,6 +44,7 @@ from proxy.errors import (
 from proxy.names.references import Repository, is_digest, validate_digest
 from proxy.observability.metrics import Metrics
 from proxy.settings import TagListSettings
+from proxy.storage.blobstore import LocalBlobFiles
 from proxy.storage.cache import Cache
 from proxy.storage.manifest_cache import TagEntry
 from proxy.upstream.client import UpstreamClient, read_capped
@@ -382,10 +383,14 @@ class PullThrough:
         await self.cache.record(repository, (digest,))
 
     async def cached_blob(self, repository: Repository, digest: str) -> Path | None:
-        """The local file of a cached blob this repository holds (zero-copy serving)."""
+        """The local file of a cached blob this repository holds (zero-copy serving), when
+        the store has local files; None sends the request down the streamed path."""
+        blobs = self.cache.blobs
+        if not isinstance(blobs, LocalBlobFiles):
+            return None
         if not await self.cache.repositories.holds(repository, digest):
             return None
-        path = await self.cache.blobs.path_for(digest)
+        path = await blobs.local_path(digest)
         self._count("blob", path is not None)
         return path
 
