@@ -92,6 +92,8 @@ def build_services(settings: Settings) -> Services:
             audit,
             frozenset(clients),
             PinCreators(settings.policy.pin_creators),
+            # A pin promises the same image: the pull path keeps its content cached.
+            on_pinned=pull.protect,
         ),
         authenticator=build_authenticator(settings) if settings.auth.mode == "token" else None,
     )
@@ -148,7 +150,7 @@ async def _cache_lifecycle(app: web.Application) -> AsyncIterator[None]:
         services.settings.storage, services.metrics, on_fill_finished=pull.fill_finished
     )
     for pin in await services.holder.pins.list():
-        await pull.cache.protect(pin.repository)
+        await pull.protect(pin.repository)
     yield
     await pull.cache.close()
 

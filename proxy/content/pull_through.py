@@ -1,8 +1,10 @@
 """Pull path: manifests, blobs, tag lists and referrers, from cache or from upstream.
 
 Owns how a pull is served once the repository is known and policy has allowed it:
-manifest negotiation and verification, blob streaming with `Range`, tag lists paged by
-the gate, referrers with a fallback for upstreams that lack the API.
+manifest negotiation and verification, blobs (one call per request: whether the
+repository holds the digest, whether it is cached, which capability of the store sends it,
+or the fill), `Range`, tag lists paged by the gate, referrers with a fallback for
+upstreams that lack the API, and what the cache forgets after a delete.
 
 Small upstream exchanges are coalesced (`proxy.content.coalesce`): one revalidation per
 (upstream, repository, tag) at a time, one manifest GET per digest, one repository
@@ -21,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 from cachetools import LRUCache
 from multidict import CIMultiDict
 
@@ -36,15 +36,18 @@ from proxy.content.manifest_checks import (
 )
 from proxy.content.singleflight import RelayedBlob, StreamedBlob, UpstreamBlob
 from proxy.errors import (
+    RegistryError,
     ServiceUnavailable,
     TooManyRequests,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.http.ranges import content_range as content_range_header
+from proxy.http.ranges import parse_range
 from proxy.names.references import Repository, is_digest, validate_digest
 from proxy.observability.metrics import Metrics
 from proxy.settings import TagListSettings
-from proxy.storage.blobstore import LocalBlobFiles
+from proxy.storage.blobstore import BlobRedirects, LocalBlobFiles
 from proxy.storage.cache import Cache
 from proxy.storage.manifest_cache import TagEntry
 from proxy.upstream.client import UpstreamClient, read_capped
@@ -59,6 +62,50 @@ PROBE_ACCEPT = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 STREAM_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BlobSize:
+    """A blob HEAD's answer."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobFile:
+    """A cached blob in a local file (a store with `LocalBlobFiles`), to send with
+    sendfile: the whole blob or the `selected` inclusive range, with `lease` entered
+    while it is sent."""
+
+    path: Path
+    size: int
+    selected: tuple[int, int] | None
+    lease: AbstractAsyncContextManager[None]
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRedirect:
+    """A cached blob the client fetches from the store's own URL (307)."""
+
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStream:
+    """Blob bytes to stream: from the store's reader, a fill, or an uncached relay.
+
+    Iterating `chunks` raises a RegistryError when the fill fails: the response already
+    started must then end short, not complete.
+    """
+
+    chunks: StreamedBlob | RelayedBlob
+    status: int
+    content_range: str | None
+    length: int | None
+    source: str  # "cache" or "upstream", for the served-bytes metric
+
+
+BlobBody = BlobSize | BlobFile | BlobRedirect | BlobStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +393,55 @@ class PullThrough:
         )
         return ManifestResult(info, None if head else body)
 
+    @asynccontextmanager
+    async def blob(
+        self, repository: Repository, digest: str, range_header: str | None, *, head: bool
+    ) -> AsyncIterator[BlobBody]:
+        """A blob for `repository` (policy has allowed it), as a body to send.
+
+        The one call of the blob handler. HEAD: its size (from cache when held, else an
+        upstream HEAD). GET: once the repository is known to hold the digest, a cached
+        copy is redirected to (a store with `BlobRedirects`), sent from its local file (a
+        store with `LocalBlobFiles`), or streamed from the store's reader; a miss joins
+        or starts the single-flight fill. `Range` is parsed here (RangeInvalid: 416). The
+        body is valid while the context is open.
+        """
+        if head:
+            yield BlobSize(await self.blob_size(repository, digest))
+            return
+        await self.ensure_held(repository, digest)
+        blobs = self.cache.blobs
+        if isinstance(blobs, BlobRedirects):
+            url = await blobs.redirect_url(digest)
+            if url is not None:
+                self._count("blob", True)
+                if self.metrics is not None:
+                    self.metrics.blob_redirects.inc()
+                yield BlobRedirect(url)
+                return
+        if isinstance(blobs, LocalBlobFiles):
+            path = await blobs.local_path(digest)
+            size = None if path is None else await blobs.stat(digest)
+            self._count("blob", size is not None)
+            if path is not None and size is not None:
+                # The blob is leased while it is sent, so eviction cannot unlink a file
+                # still being read (its bytes would stay on disk, uncounted).
+                selected = parse_range(range_header, size)
+                yield BlobFile(path, size, selected, blobs.lease(digest))
+                return
+        async with self._blob_stream(repository, digest) as blob:
+            if not isinstance(blobs, LocalBlobFiles):
+                self._count("blob", blob.cached)
+            status, content_range = 200, None
+            if blob.size is not None:
+                selected = parse_range(range_header, blob.size)
+                if selected is not None:
+                    first, last = selected
+                    blob.narrow(first, last - first + 1)
+                    status, content_range = 206, content_range_header(first, last, blob.size)
+            source = "cache" if blob.cached else "upstream"
+            yield BlobStream(blob, status, content_range, blob.length, source)
+
     async def blob_size(self, repository: Repository, digest: str) -> int:
         """A blob HEAD: the size from cache when held, else an upstream HEAD (no GET)."""
         if await self.cache.repositories.holds(repository, digest):
@@ -360,6 +456,17 @@ class PullThrough:
             raise UpstreamUnavailable(f"upstream {repository.registry} sent no blob length")
         await self.cache.record(repository, (digest,))
         return int(length)
+
+    async def blob_exists(self, repository: Repository, digest: str) -> bool:
+        """Whether `repository` has the blob (held, else an upstream HEAD): a resolution
+        probe; False only on 404."""
+        try:
+            await self.blob_size(repository, digest)
+        except RegistryError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
 
     async def ensure_held(self, repository: Repository, digest: str) -> None:
         """Make sure `repository` holds `digest` before a cached copy is served for it.
@@ -382,38 +489,12 @@ class PullThrough:
         response.release()
         await self.cache.record(repository, (digest,))
 
-    async def cached_blob(self, repository: Repository, digest: str) -> Path | None:
-        """The local file of a cached blob this repository holds (zero-copy serving), when
-        the store has local files; None sends the request down the streamed path."""
-        blobs = self.cache.blobs
-        if not isinstance(blobs, LocalBlobFiles):
-            return None
-        if not await self.cache.repositories.holds(repository, digest):
-            return None
-        path = await blobs.local_path(digest)
-        self._count("blob", path is not None)
-        return path
-
-    def file_response(
-        self,
-        digest: str,
-        path: Path,
-        headers: dict[str, str],
-        selected: tuple[int, int] | None = None,
-    ) -> web.FileResponse:
-        """The response sending a cached blob's file (the whole blob, or the `selected`
-        inclusive range); the blob is leased while it is sent, so eviction cannot unlink
-        a file still being read (its bytes would stay on disk, uncounted, until the send
-        ended)."""
-        lease = self.cache.blobs.lease(digest)
-        return _CachedBlobResponse(lease, path, selected, headers)
-
     @asynccontextmanager
-    async def blob_stream(
+    async def _blob_stream(
         self, repository: Repository, digest: str
     ) -> AsyncIterator[StreamedBlob | RelayedBlob]:
-        """The blob from the single-flight fill (joined or started), for a cache miss; or
-        relayed uncached when the cache has no room for it."""
+        """The blob from the store's reader when cached, else from the single-flight fill
+        (joined or started), or relayed uncached when the cache has no room for it."""
         upstream = repository.registry
 
         @asynccontextmanager
@@ -434,6 +515,26 @@ class PullThrough:
         async with self.cache.fills.stream(digest, open_upstream, upstream=upstream) as blob:
             yield blob
         await self.cache.record(repository, (digest,))
+
+    async def protect(self, repository: Repository) -> None:
+        """Keep what a pinned `repository` holds out of eviction (a pin promises the same
+        image); told by the decision layer whenever a resolution is pinned."""
+        await self.cache.protect(repository)
+
+    async def forget(self, repository: Repository, reference: str) -> None:
+        """After a delete went through, stop serving the reference for this repository
+        from cache: a deleted tag, and a deleted digest (with the tags cached as pointing
+        at it)."""
+        cache = self.cache
+        if not is_digest(reference):
+            await cache.tags.delete(repository, reference)
+            return
+        # Forgotten for every repository: the others are confirmed upstream again when asked.
+        await cache.repositories.forget(reference)
+        for tag in await cache.tags.tags(repository):
+            entry = await cache.tags.get(repository, tag)
+            if entry is not None and entry.digest == reference:
+                await cache.tags.delete(repository, tag)
 
     async def _upstream_blob(
         self, repository: Repository, digest: str, method: str
@@ -513,7 +614,7 @@ class PullThrough:
             query=[("n", "1")],
         )
 
-    async def exists(self, repository: Repository, reference: str) -> bool:
+    async def manifest_exists(self, repository: Repository, reference: str) -> bool:
         """Whether the upstream has a manifest (HEAD); False only on 404, else raises."""
         client = self.client(repository)
         async with client.manifest_deadline():
@@ -532,38 +633,6 @@ def _valid_digest(digest: str) -> bool:
     except Exception:
         return False
     return True
-
-
-class _CachedBlobResponse(web.FileResponse):
-    """A cached blob sent with sendfile, leased while it is sent (aiohttp sends the whole
-    file within `prepare`), for exactly the range the gate chose.
-
-    aiohttp's FileResponse reads `Range` itself and disagrees with the gate on what to
-    ignore (`bytes=-`, multi-range, spaces, 5,000-digit numbers): it answers those with a
-    bodiless 416 where the gate serves the whole blob, as on a cache miss. So it is shown
-    a request whose `Range` is the gate's own reading. `If-Range` goes too: a blob is
-    content-addressed, so every validator for it still holds.
-    """
-
-    def __init__(
-        self,
-        lease: AbstractAsyncContextManager[None],
-        path: Path,
-        selected: tuple[int, int] | None,
-        headers: dict[str, str],
-    ) -> None:
-        super().__init__(path, headers=headers)
-        self._lease = lease
-        self._selected = selected
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        headers = request.headers.copy()
-        headers.popall("Range", None)
-        headers.popall("If-Range", None)
-        if self._selected is not None:
-            headers["Range"] = "bytes={}-{}".format(*self._selected)
-        async with self._lease:
-            return await super().prepare(request.clone(headers=headers))
 
 
 async def _relay(response: aiohttp.ClientResponse, upstream: str) -> AsyncIterator[bytes]:
