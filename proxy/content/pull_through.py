@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 from cachetools import LRUCache
 from multidict import CIMultiDict
 
@@ -50,7 +49,7 @@ from proxy.settings import TagListSettings
 from proxy.storage.blobstore import BlobRedirects, LocalBlobFiles
 from proxy.storage.cache import Cache
 from proxy.storage.manifest_cache import TagEntry
-from proxy.upstream.client import UpstreamClient, read_capped
+from proxy.upstream.api import Registry
 from proxy.upstream.tag_lists import TagListFetcher
 
 EMPTY_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -118,13 +117,6 @@ class ManifestResult:
     stale: str | None = None  # why a stale tag was served (upstream failure), if it was
 
 
-def _accept_headers(accept: Sequence[str]) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in accept:
-        headers.add("Accept", line)
-    return headers
-
-
 def accepts(media_type: str, accept: Sequence[str]) -> bool:
     """Whether a client's Accept lines admit a manifest media type."""
     offered = {item.split(";", 1)[0].strip().lower() for line in accept for item in line.split(",")}
@@ -142,7 +134,7 @@ class PullThrough:
 
     def __init__(
         self,
-        clients: dict[str, UpstreamClient],
+        clients: Mapping[str, Registry],
         cache: Cache | None = None,
         metrics: Metrics | None = None,
         *,
@@ -187,7 +179,7 @@ class PullThrough:
         """The cache if it is open (for scrapes that may come before start-up)."""
         return self._cache
 
-    def client(self, repository: Repository) -> UpstreamClient:
+    def client(self, repository: Repository) -> Registry:
         """The upstream client for a (located, configured) repository."""
         return self.clients[repository.registry]
 
@@ -352,36 +344,26 @@ class PullThrough:
 
     async def _fetch_manifest_now(
         self,
-        client: UpstreamClient,
+        client: Registry,
         repository: Repository,
         reference: str,
         accept: Sequence[str],
         *,
         head: bool,
     ) -> ManifestResult:
-        path = f"/v2/{repository.path}/manifests/{reference}"
-        headers = _accept_headers(accept)
         requested_digest = reference if is_digest(reference) else None
         if head:
-            response = await client.request(
-                "HEAD", path, kind="manifest", repository=repository.path, headers=headers
-            )
-            await client.raise_for_status(response, "manifest")
-            response.release()
-            digest = response.headers.get("Docker-Content-Digest")
-            length = response.headers.get("Content-Length", "")
-            media_type = response.headers.get("Content-Type", "")
+            response_headers = await client.head_manifest(repository, reference, accept)
+            digest = response_headers.get("Docker-Content-Digest")
+            length = response_headers.get("Content-Length", "")
+            media_type = response_headers.get("Content-Type", "")
             valid = digest is not None and length.isdigit() and _valid_digest(digest)
             if valid and digest is not None and requested_digest in (None, digest):
                 info = ManifestInfo(digest, media_type.split(";", 1)[0].strip(), int(length))
                 return ManifestResult(info, None)
             # Without a usable digest header the only way to answer is to GET and hash.
-        response_headers, body = await client.get_body(
-            path,
-            kind="manifest",
-            repository=repository.path,
-            limit=MAX_MANIFEST_SIZE,
-            headers=headers,
+        response_headers, body = await client.get_manifest(
+            repository, reference, accept, MAX_MANIFEST_SIZE
         )
         if requested_digest is not None and self.metrics is not None:
             algorithm = requested_digest.split(":", 1)[0]
@@ -449,13 +431,11 @@ class PullThrough:
             if size is not None:
                 self._count("blob", True)
                 return size
-        response = await self._upstream_blob(repository, digest, "HEAD")
-        response.release()
-        length = response.headers.get("Content-Length", "")
-        if not length.isdigit():
+        length = await self.client(repository).head_blob(repository, digest)
+        if length is None:
             raise UpstreamUnavailable(f"upstream {repository.registry} sent no blob length")
         await self.cache.record(repository, (digest,))
-        return int(length)
+        return length
 
     async def blob_exists(self, repository: Repository, digest: str) -> bool:
         """Whether `repository` has the blob (held, else an upstream HEAD): a resolution
@@ -485,8 +465,7 @@ class PullThrough:
         )
 
     async def _confirm_held(self, repository: Repository, digest: str) -> None:
-        response = await self._upstream_blob(repository, digest, "HEAD")
-        response.release()
+        await self.client(repository).head_blob(repository, digest)
         await self.cache.record(repository, (digest,))
 
     @asynccontextmanager
@@ -503,11 +482,8 @@ class PullThrough:
             if inflight is not None:
                 inflight.inc()
             try:
-                response = await self._upstream_blob(repository, digest, "GET")
-                try:
-                    yield UpstreamBlob(response.content_length, _relay(response, upstream))
-                finally:
-                    response.release()
+                async with self.client(repository).open_blob(repository, digest) as download:
+                    yield UpstreamBlob(download.size, download.chunks)
             finally:
                 if inflight is not None:
                     inflight.dec()
@@ -536,20 +512,6 @@ class PullThrough:
             if entry is not None and entry.digest == reference:
                 await cache.tags.delete(repository, tag)
 
-    async def _upstream_blob(
-        self, repository: Repository, digest: str, method: str
-    ) -> aiohttp.ClientResponse:
-        client = self.client(repository)
-        response = await client.request(
-            method,
-            f"/v2/{repository.path}/blobs/{digest}",
-            kind="blob",
-            repository=repository.path,
-            follow_redirects=True,
-        )
-        await client.raise_for_status(response, "blob")
-        return response
-
     async def tags(self, repository: Repository) -> list[str]:
         """Every tag of a repository (sorted), following the upstream's own pages, within
         the `tag_lists` bounds; concurrent requests share one fetch."""
@@ -562,34 +524,21 @@ class PullThrough:
         index under the tag `<alg>-<hex>`), or else an empty index; filtered by
         `artifactType` here when the upstream did not filter."""
         client = self.client(repository)
-        query = [("artifactType", artifact_type)] if artifact_type else []
-        response = await client.request(
-            "GET",
-            f"/v2/{repository.path}/referrers/{digest}",
-            kind="referrers",
-            repository=repository.path,
-            query=query,
-            headers={"Accept": EMPTY_INDEX_TYPE},
-        )
         headers: CIMultiDict[str] = CIMultiDict({"Content-Type": EMPTY_INDEX_TYPE})
-        if response.status == 404:
-            # No referrers API (Distribution 2.8 answers 404 to the path).
-            response.release()
+        answer = await client.referrers(repository, digest, artifact_type, MAX_MANIFEST_SIZE)
+        if answer is None:
+            # No referrers API: the fallback tag, as the spec asks a client to.
             document = await self.referrers_fallback.read(repository, digest)
             filtered = False
         else:
-            await client.raise_for_status(response, "referrers")
-            try:
-                body = await read_capped(response, MAX_MANIFEST_SIZE, client.name)
-            finally:
-                response.release()
+            response_headers, body = answer
             try:
                 document = referrers.parse_index(body)
             except (ValueError, RecursionError) as exc:
                 raise UpstreamUnavailable(
                     f"upstream {client.name} sent a referrers answer that is not an index"
                 ) from exc
-            filtered = referrers.FILTERS_APPLIED in response.headers
+            filtered = referrers.FILTERS_APPLIED in response_headers
         document = document or referrers.empty_index()
         # The answer is always an OCI index of this repository's referrers, whatever the
         # fallback tag's own annotations said.
@@ -606,25 +555,13 @@ class PullThrough:
 
     async def repository_exists(self, repository: Repository) -> bool:
         """Whether the upstream knows the repository (its tag list); False only on 404."""
-        return await self.client(repository).probe(
-            "GET",
-            f"/v2/{repository.path}/tags/list",
-            kind="tags",
-            repository=repository.path,
-            query=[("n", "1")],
-        )
+        return await self.client(repository).repository_exists(repository)
 
     async def manifest_exists(self, repository: Repository, reference: str) -> bool:
         """Whether the upstream has a manifest (HEAD); False only on 404, else raises."""
         client = self.client(repository)
         async with client.manifest_deadline():
-            return await client.probe(
-                "HEAD",
-                f"/v2/{repository.path}/manifests/{reference}",
-                kind="manifest",
-                repository=repository.path,
-                headers=_accept_headers(PROBE_ACCEPT),
-            )
+            return await client.manifest_exists(repository, reference, PROBE_ACCEPT)
 
 
 def _valid_digest(digest: str) -> bool:
@@ -633,15 +570,3 @@ def _valid_digest(digest: str) -> bool:
     except Exception:
         return False
     return True
-
-
-async def _relay(response: aiohttp.ClientResponse, upstream: str) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in response.content.iter_chunked(STREAM_CHUNK):
-            yield chunk
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"upstream {upstream} stalled while sending a blob") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream {upstream} failed while sending a blob") from exc
-    finally:
-        response.release()
