@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import DigestInvalid
-from proxy.storage.blobstore import CacheFull, FilesystemBlobStore, StorageLocked
+from proxy.storage.blobstore import (
+    BlobRedirects,
+    CacheFull,
+    FilesystemBlobStore,
+    LocalBlobFiles,
+    StorageLocked,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +42,14 @@ async def store(tmp_path: Path) -> AsyncIterator[FilesystemBlobStore]:
     await store.open()
     yield store
     await store.close()
+
+
+def test_the_filesystem_store_offers_local_files_and_no_redirects(
+    store: FilesystemBlobStore,
+) -> None:
+    # The pull path chooses how to send a hit by these capabilities (sendfile here).
+    assert isinstance(store, LocalBlobFiles)
+    assert not isinstance(store, BlobRedirects)
 
 
 async def test_publishes_only_after_verified_commit(store: FilesystemBlobStore) -> None:
