@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -37,6 +37,7 @@ from proxy.services import SERVICES, Services
 from proxy.settings import Settings
 from proxy.storage.cache import Cache
 from proxy.storage.pins import FilePinStore, PinCreators
+from proxy.upstream.api import Registry
 from proxy.upstream.circuit import CircuitBreaker
 from proxy.upstream.client import UpstreamClient
 
@@ -45,24 +46,15 @@ log = logging.getLogger("registry_gate")
 MAX_HEADER_SIZE = 16 * 1024
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings, upstreams: Mapping[str, Registry] | None = None) -> Services:
     """Create (not yet start) every service from validated settings.
 
-    Raises ConfigError (PolicyError included) for what the settings name but is invalid.
+    `upstreams` replaces the HTTP clients of the upstream table (the in-process tests
+    give in-memory registries; their names must be the table's). Raises ConfigError
+    (PolicyError included) for what the settings name but is invalid.
     """
     metrics = Metrics(version=__version__)
-    clients = {
-        u.registry: UpstreamClient(
-            u,
-            metrics,
-            breaker=CircuitBreaker(
-                u.circuit.failures,
-                u.circuit.cooldown,
-                on_change=partial(metrics.set_circuit_state, u.registry),
-            ),
-        )
-        for u in settings.upstreams
-    }
+    clients = _upstream_clients(settings, metrics) if upstreams is None else upstreams
     pull = PullThrough(
         clients,
         metrics=metrics,
@@ -95,9 +87,27 @@ def build_services(settings: Settings) -> Services:
             audit,
             frozenset(clients),
             PinCreators(settings.policy.pin_creators),
+            # A pin promises the same image: the pull path keeps its content cached.
+            on_pinned=pull.protect,
         ),
         authenticator=build_authenticator(settings) if settings.auth.mode == "token" else None,
     )
+
+
+def _upstream_clients(settings: Settings, metrics: Metrics) -> dict[str, Registry]:
+    """The HTTP client of each upstream in the table, each with its circuit breaker."""
+    return {
+        u.registry: UpstreamClient(
+            u,
+            metrics,
+            breaker=CircuitBreaker(
+                u.circuit.failures,
+                u.circuit.cooldown,
+                on_change=partial(metrics.set_circuit_state, u.registry),
+            ),
+        )
+        for u in settings.upstreams
+    }
 
 
 def build_authenticator(settings: Settings) -> Authenticator:
@@ -151,7 +161,7 @@ async def _cache_lifecycle(app: web.Application) -> AsyncIterator[None]:
         services.settings.storage, services.metrics, on_fill_finished=pull.fill_finished
     )
     for pin in await services.holder.pins.list():
-        await pull.cache.protect(pin.repository)
+        await pull.protect(pin.repository)
     yield
     await pull.cache.close()
 

@@ -6,6 +6,7 @@ Built by the composition root (`app.py`) from validated settings; handlers reach
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -27,7 +28,7 @@ from proxy.policy.gatekeeper import Gatekeeper
 from proxy.policy.holder import PolicyHolder
 from proxy.policy.principal import Principal
 from proxy.settings import Settings
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.api import Registry
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Services:
     """Everything the request handlers use."""
 
     settings: Settings
-    clients: dict[str, UpstreamClient]
+    clients: Mapping[str, Registry]
     pull: PullThrough
     pusher: Pusher
     metrics: Metrics

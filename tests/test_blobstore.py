@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import DigestInvalid
-from proxy.storage.blobstore import CacheFull, FilesystemBlobStore, StorageLocked
+from proxy.storage.blobstore import (
+    BlobRedirects,
+    CacheFull,
+    FilesystemBlobStore,
+    LocalBlobFiles,
+    StorageLocked,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +44,14 @@ async def store(tmp_path: Path) -> AsyncIterator[FilesystemBlobStore]:
     await store.close()
 
 
+def test_the_filesystem_store_offers_local_files_and_no_redirects(
+    store: FilesystemBlobStore,
+) -> None:
+    # The pull path chooses how to send a hit by these capabilities (sendfile here).
+    assert isinstance(store, LocalBlobFiles)
+    assert not isinstance(store, BlobRedirects)
+
+
 async def test_publishes_only_after_verified_commit(store: FilesystemBlobStore) -> None:
     data = os.urandom(300_000)
     digest = sha(data)
@@ -45,12 +59,12 @@ async def test_publishes_only_after_verified_commit(store: FilesystemBlobStore) 
     for start in range(0, len(data), 65536):
         await writer.write(data[start : start + 65536])
         assert await store.stat(digest) is None
-        assert await store.path_for(digest) is None
+        assert await store.local_path(digest) is None
         assert await store.open_reader(digest) is None
     await writer.commit(len(data))
 
     assert await store.stat(digest) == len(data)
-    path = await store.path_for(digest)
+    path = await store.local_path(digest)
     assert path is not None
     assert path.read_bytes() == data
     assert path == store.root / "blobs" / "sha256" / digest.removeprefix("sha256:")
@@ -158,7 +172,7 @@ async def test_crash_mid_fill_leaves_nothing_served(tmp_path: Path) -> None:
     try:
         assert list((tmp_path / "tmp").iterdir()) == []
         assert await store.stat(digest) is None
-        assert await store.path_for(digest) is None
+        assert await store.local_path(digest) is None
         assert (await store.stats()).count == 0
         assert await store.verify() == []
     finally:
@@ -188,7 +202,7 @@ async def test_lru_eviction_holds_the_cap(tmp_path: Path) -> None:
     a = await put(store, b"a" * 1000)
     b = await put(store, b"b" * 1000)
     c = await put(store, b"c" * 1000)
-    assert await store.path_for(a) is not None  # a is now more recent than b
+    assert await store.local_path(a) is not None  # a is now more recent than b
     d = await put(store, b"d" * 1000)
 
     assert evicted == [(b, 1000)]
@@ -281,7 +295,7 @@ async def test_delete(store: FilesystemBlobStore) -> None:
     digest = await put(store, b"x" * 10)
     assert await store.delete(digest)
     assert not await store.delete(digest)
-    assert await store.path_for(digest) is None
+    assert await store.local_path(digest) is None
     assert (await store.stats()).count == 0
 
 

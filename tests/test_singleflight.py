@@ -198,7 +198,7 @@ async def test_cancelled_reader_does_not_abort_the_fill(
     await settle(coordinator)
     assert upstream.opens == 1
     assert await store.stat(digest) == len(data)
-    path = await store.path_for(digest)
+    path = await store.local_path(digest)
     assert path is not None and path.read_bytes() == data
     assert list((store.root / "tmp").iterdir()) == []
 

@@ -1,8 +1,10 @@
 """Pull path: manifests, blobs, tag lists and referrers, from cache or from upstream.
 
 Owns how a pull is served once the repository is known and policy has allowed it:
-manifest negotiation and verification, blob streaming with `Range`, tag lists paged by
-the gate, referrers with a fallback for upstreams that lack the API.
+manifest negotiation and verification, blobs (one call per request: whether the
+repository holds the digest, whether it is cached, which capability of the store sends it,
+or the fill), `Range`, tag lists paged by the gate, referrers with a fallback for
+upstreams that lack the API, and what the cache forgets after a delete.
 
 Small upstream exchanges are coalesced (`proxy.content.coalesce`): one revalidation per
 (upstream, repository, tag) at a time, one manifest GET per digest, one repository
@@ -15,16 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 from cachetools import LRUCache
-from multidict import CIMultiDict
 
 from proxy.content.coalesce import Coalescer
 from proxy.content.manifest_checks import (
@@ -37,17 +35,21 @@ from proxy.content.referrers_answers import ReferrersAnswer, ReferrersService
 from proxy.content.replica_fills import ReplicaFills
 from proxy.content.singleflight import RelayedBlob, StreamedBlob, UpstreamBlob
 from proxy.errors import (
+    RegistryError,
     ServiceUnavailable,
     TooManyRequests,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.http.ranges import content_range as content_range_header
+from proxy.http.ranges import parse_range
 from proxy.names.references import Repository, is_digest, validate_digest
 from proxy.observability.metrics import Metrics
 from proxy.settings import TagListSettings
+from proxy.storage.blobstore import BlobRedirects, LocalBlobFiles
 from proxy.storage.cache import Cache
 from proxy.storage.manifest_cache import TagEntry
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.api import Registry
 from proxy.upstream.tag_lists import TagListFetcher
 
 # What a resolution probe accepts: any image manifest or index.
@@ -61,6 +63,50 @@ STREAM_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
+class BlobSize:
+    """A blob HEAD's answer."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobFile:
+    """A cached blob in a local file (a store with `LocalBlobFiles`), to send with
+    sendfile: the whole blob or the `selected` inclusive range, with `lease` entered
+    while it is sent."""
+
+    path: Path
+    size: int
+    selected: tuple[int, int] | None
+    lease: AbstractAsyncContextManager[None]
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRedirect:
+    """A cached blob the client fetches from the store's own URL (307)."""
+
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStream:
+    """Blob bytes to stream: from the store's reader, a fill, or an uncached relay.
+
+    Iterating `chunks` raises a RegistryError when the fill fails: the response already
+    started must then end short, not complete.
+    """
+
+    chunks: StreamedBlob | RelayedBlob
+    status: int
+    content_range: str | None
+    length: int | None
+    source: str  # "cache" or "upstream", for the served-bytes metric
+
+
+BlobBody = BlobSize | BlobFile | BlobRedirect | BlobStream
+
+
+@dataclass(frozen=True, slots=True)
 class ManifestResult:
     """A manifest ready to serve (body None for HEAD) and where it came from."""
 
@@ -68,13 +114,6 @@ class ManifestResult:
     body: bytes | None
     source: str = "upstream"
     stale: str | None = None  # why a stale tag was served (upstream failure), if it was
-
-
-def _accept_headers(accept: Sequence[str]) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in accept:
-        headers.add("Accept", line)
-    return headers
 
 
 def accepts(media_type: str, accept: Sequence[str]) -> bool:
@@ -94,7 +133,7 @@ class PullThrough:
 
     def __init__(
         self,
-        clients: dict[str, UpstreamClient],
+        clients: Mapping[str, Registry],
         cache: Cache | None = None,
         metrics: Metrics | None = None,
         *,
@@ -145,7 +184,7 @@ class PullThrough:
         """The cache if it is open (for scrapes that may come before start-up)."""
         return self._cache
 
-    def client(self, repository: Repository) -> UpstreamClient:
+    def client(self, repository: Repository) -> Registry:
         """The upstream client for a (located, configured) repository."""
         return self.clients[repository.registry]
 
@@ -310,36 +349,26 @@ class PullThrough:
 
     async def _fetch_manifest_now(
         self,
-        client: UpstreamClient,
+        client: Registry,
         repository: Repository,
         reference: str,
         accept: Sequence[str],
         *,
         head: bool,
     ) -> ManifestResult:
-        path = f"/v2/{repository.path}/manifests/{reference}"
-        headers = _accept_headers(accept)
         requested_digest = reference if is_digest(reference) else None
         if head:
-            response = await client.request(
-                "HEAD", path, kind="manifest", repository=repository.path, headers=headers
-            )
-            await client.raise_for_status(response, "manifest")
-            response.release()
-            digest = response.headers.get("Docker-Content-Digest")
-            length = response.headers.get("Content-Length", "")
-            media_type = response.headers.get("Content-Type", "")
+            response_headers = await client.head_manifest(repository, reference, accept)
+            digest = response_headers.get("Docker-Content-Digest")
+            length = response_headers.get("Content-Length", "")
+            media_type = response_headers.get("Content-Type", "")
             valid = digest is not None and length.isdigit() and _valid_digest(digest)
             if valid and digest is not None and requested_digest in (None, digest):
                 info = ManifestInfo(digest, media_type.split(";", 1)[0].strip(), int(length))
                 return ManifestResult(info, None)
             # Without a usable digest header the only way to answer is to GET and hash.
-        response_headers, body = await client.get_body(
-            path,
-            kind="manifest",
-            repository=repository.path,
-            limit=MAX_MANIFEST_SIZE,
-            headers=headers,
+        response_headers, body = await client.get_manifest(
+            repository, reference, accept, MAX_MANIFEST_SIZE
         )
         if requested_digest is not None and self.metrics is not None:
             algorithm = requested_digest.split(":", 1)[0]
@@ -351,6 +380,55 @@ class PullThrough:
         )
         return ManifestResult(info, None if head else body)
 
+    @asynccontextmanager
+    async def blob(
+        self, repository: Repository, digest: str, range_header: str | None, *, head: bool
+    ) -> AsyncIterator[BlobBody]:
+        """A blob for `repository` (policy has allowed it), as a body to send.
+
+        The one call of the blob handler. HEAD: its size (from cache when held, else an
+        upstream HEAD). GET: once the repository is known to hold the digest, a cached
+        copy is redirected to (a store with `BlobRedirects`), sent from its local file (a
+        store with `LocalBlobFiles`), or streamed from the store's reader; a miss joins
+        or starts the single-flight fill. `Range` is parsed here (RangeInvalid: 416). The
+        body is valid while the context is open.
+        """
+        if head:
+            yield BlobSize(await self.blob_size(repository, digest))
+            return
+        await self.ensure_held(repository, digest)
+        blobs = self.cache.blobs
+        if isinstance(blobs, BlobRedirects):
+            url = await blobs.redirect_url(digest)
+            if url is not None:
+                self._count("blob", True)
+                if self.metrics is not None:
+                    self.metrics.blob_redirects.inc()
+                yield BlobRedirect(url)
+                return
+        if isinstance(blobs, LocalBlobFiles):
+            path = await blobs.local_path(digest)
+            size = None if path is None else await blobs.stat(digest)
+            self._count("blob", size is not None)
+            if path is not None and size is not None:
+                # The blob is leased while it is sent, so eviction cannot unlink a file
+                # still being read (its bytes would stay on disk, uncounted).
+                selected = parse_range(range_header, size)
+                yield BlobFile(path, size, selected, blobs.lease(digest))
+                return
+        async with self._blob_stream(repository, digest) as blob:
+            if not isinstance(blobs, LocalBlobFiles):
+                self._count("blob", blob.cached)
+            status, content_range = 200, None
+            if blob.size is not None:
+                selected = parse_range(range_header, blob.size)
+                if selected is not None:
+                    first, last = selected
+                    blob.narrow(first, last - first + 1)
+                    status, content_range = 206, content_range_header(first, last, blob.size)
+            source = "cache" if blob.cached else "upstream"
+            yield BlobStream(blob, status, content_range, blob.length, source)
+
     async def blob_size(self, repository: Repository, digest: str) -> int:
         """A blob HEAD: the size from cache when held, else an upstream HEAD (no GET)."""
         if await self.cache.repositories.holds(repository, digest):
@@ -358,13 +436,22 @@ class PullThrough:
             if size is not None:
                 self._count("blob", True)
                 return size
-        response = await self._upstream_blob(repository, digest, "HEAD")
-        response.release()
-        length = response.headers.get("Content-Length", "")
-        if not length.isdigit():
+        length = await self.client(repository).head_blob(repository, digest)
+        if length is None:
             raise UpstreamUnavailable(f"upstream {repository.registry} sent no blob length")
         await self.cache.record(repository, (digest,))
-        return int(length)
+        return length
+
+    async def blob_exists(self, repository: Repository, digest: str) -> bool:
+        """Whether `repository` has the blob (held, else an upstream HEAD): a resolution
+        probe; False only on 404."""
+        try:
+            await self.blob_size(repository, digest)
+        except RegistryError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
 
     async def ensure_held(self, repository: Repository, digest: str) -> None:
         """Make sure `repository` holds `digest` before a cached copy is served for it.
@@ -383,38 +470,15 @@ class PullThrough:
         )
 
     async def _confirm_held(self, repository: Repository, digest: str) -> None:
-        response = await self._upstream_blob(repository, digest, "HEAD")
-        response.release()
+        await self.client(repository).head_blob(repository, digest)
         await self.cache.record(repository, (digest,))
 
-    async def cached_blob(self, repository: Repository, digest: str) -> Path | None:
-        """The local file of a cached blob this repository holds (zero-copy serving)."""
-        if not await self.cache.repositories.holds(repository, digest):
-            return None
-        path = await self.cache.blobs.path_for(digest)
-        self._count("blob", path is not None)
-        return path
-
-    def file_response(
-        self,
-        digest: str,
-        path: Path,
-        headers: dict[str, str],
-        selected: tuple[int, int] | None = None,
-    ) -> web.FileResponse:
-        """The response sending a cached blob's file (the whole blob, or the `selected`
-        inclusive range); the blob is leased while it is sent, so eviction cannot unlink
-        a file still being read (its bytes would stay on disk, uncounted, until the send
-        ended)."""
-        lease = self.cache.blobs.lease(digest)
-        return _CachedBlobResponse(lease, path, selected, headers)
-
     @asynccontextmanager
-    async def blob_stream(
+    async def _blob_stream(
         self, repository: Repository, digest: str
     ) -> AsyncIterator[StreamedBlob | RelayedBlob]:
-        """The blob from the single-flight fill (joined or started), for a cache miss; or
-        relayed uncached when the cache has no room for it."""
+        """The blob from the store's reader when cached, else from the single-flight fill
+        (joined or started), or relayed uncached when the cache has no room for it."""
         upstream = repository.registry
 
         @asynccontextmanager
@@ -423,11 +487,8 @@ class PullThrough:
             if inflight is not None:
                 inflight.inc()
             try:
-                response = await self._upstream_blob(repository, digest, "GET")
-                try:
-                    yield UpstreamBlob(response.content_length, _relay(response, upstream))
-                finally:
-                    response.release()
+                async with self.client(repository).open_blob(repository, digest) as download:
+                    yield UpstreamBlob(download.size, download.chunks)
             finally:
                 if inflight is not None:
                     inflight.dec()
@@ -439,19 +500,25 @@ class PullThrough:
             yield blob
         await self.cache.record(repository, (digest,))
 
-    async def _upstream_blob(
-        self, repository: Repository, digest: str, method: str
-    ) -> aiohttp.ClientResponse:
-        client = self.client(repository)
-        response = await client.request(
-            method,
-            f"/v2/{repository.path}/blobs/{digest}",
-            kind="blob",
-            repository=repository.path,
-            follow_redirects=True,
-        )
-        await client.raise_for_status(response, "blob")
-        return response
+    async def protect(self, repository: Repository) -> None:
+        """Keep what a pinned `repository` holds out of eviction (a pin promises the same
+        image); told by the decision layer whenever a resolution is pinned."""
+        await self.cache.protect(repository)
+
+    async def forget(self, repository: Repository, reference: str) -> None:
+        """After a delete went through, stop serving the reference for this repository
+        from cache: a deleted tag, and a deleted digest (with the tags cached as pointing
+        at it)."""
+        cache = self.cache
+        if not is_digest(reference):
+            await cache.tags.delete(repository, reference)
+            return
+        # Forgotten for every repository: the others are confirmed upstream again when asked.
+        await cache.repositories.forget(reference)
+        for tag in await cache.tags.tags(repository):
+            entry = await cache.tags.get(repository, tag)
+            if entry is not None and entry.digest == reference:
+                await cache.tags.delete(repository, tag)
 
     async def tags(self, repository: Repository) -> list[str]:
         """Every tag of a repository (sorted), following the upstream's own pages, within
@@ -467,25 +534,13 @@ class PullThrough:
 
     async def repository_exists(self, repository: Repository) -> bool:
         """Whether the upstream knows the repository (its tag list); False only on 404."""
-        return await self.client(repository).probe(
-            "GET",
-            f"/v2/{repository.path}/tags/list",
-            kind="tags",
-            repository=repository.path,
-            query=[("n", "1")],
-        )
+        return await self.client(repository).repository_exists(repository)
 
-    async def exists(self, repository: Repository, reference: str) -> bool:
+    async def manifest_exists(self, repository: Repository, reference: str) -> bool:
         """Whether the upstream has a manifest (HEAD); False only on 404, else raises."""
         client = self.client(repository)
         async with client.manifest_deadline():
-            return await client.probe(
-                "HEAD",
-                f"/v2/{repository.path}/manifests/{reference}",
-                kind="manifest",
-                repository=repository.path,
-                headers=_accept_headers(PROBE_ACCEPT),
-            )
+            return await client.manifest_exists(repository, reference, PROBE_ACCEPT)
 
 
 def _valid_digest(digest: str) -> bool:
@@ -494,47 +549,3 @@ def _valid_digest(digest: str) -> bool:
     except Exception:
         return False
     return True
-
-
-class _CachedBlobResponse(web.FileResponse):
-    """A cached blob sent with sendfile, leased while it is sent (aiohttp sends the whole
-    file within `prepare`), for exactly the range the gate chose.
-
-    aiohttp's FileResponse reads `Range` itself and disagrees with the gate on what to
-    ignore (`bytes=-`, multi-range, spaces, 5,000-digit numbers): it answers those with a
-    bodiless 416 where the gate serves the whole blob, as on a cache miss. So it is shown
-    a request whose `Range` is the gate's own reading. `If-Range` goes too: a blob is
-    content-addressed, so every validator for it still holds.
-    """
-
-    def __init__(
-        self,
-        lease: AbstractAsyncContextManager[None],
-        path: Path,
-        selected: tuple[int, int] | None,
-        headers: dict[str, str],
-    ) -> None:
-        super().__init__(path, headers=headers)
-        self._lease = lease
-        self._selected = selected
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        headers = request.headers.copy()
-        headers.popall("Range", None)
-        headers.popall("If-Range", None)
-        if self._selected is not None:
-            headers["Range"] = "bytes={}-{}".format(*self._selected)
-        async with self._lease:
-            return await super().prepare(request.clone(headers=headers))
-
-
-async def _relay(response: aiohttp.ClientResponse, upstream: str) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in response.content.iter_chunked(STREAM_CHUNK):
-            yield chunk
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"upstream {upstream} stalled while sending a blob") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream {upstream} failed while sending a blob") from exc
-    finally:
-        response.release()

@@ -45,7 +45,8 @@ from proxy.http.ranges import parse_chunk_range
 from proxy.names.references import Repository, is_digest, validate_digest
 from proxy.observability.metrics import Metrics
 from proxy.settings import UploadSettings
-from proxy.upstream.client import Kind, PassThroughError, UpstreamClient
+from proxy.upstream.api import Kind, Registry, Written
+from proxy.upstream.client import PassThroughError
 
 log = logging.getLogger("registry_gate.push")
 # Request headers relayed to the upstream on manifest PUTs.
@@ -160,7 +161,7 @@ class Pusher:
 
     def __init__(
         self,
-        clients: dict[str, UpstreamClient],
+        clients: Mapping[str, Registry],
         sealer: UploadSealer,
         metrics: Metrics,
         uploads: UploadSettings | None = None,
@@ -207,34 +208,34 @@ class Pusher:
         method: str,
         repository: Repository,
         address: ClientAddress,
-        upstream_path: str,
+        endpoint: str,
         *,
         kind: Kind,
         actions: tuple[str, ...],
         query: list[tuple[str, str]] | None = None,
         headers: Mapping[str, str] | None = None,
         body: bytes | AsyncIterable[bytes] | None = None,
-        offset: int = 0,
     ) -> Forwarded:
-        client = self.clients[repository.registry]
-        response = await client.request(
+        """Forward a write to an endpoint of the repository (`blobs/uploads/`, ...)."""
+        written = await self.clients[repository.registry].forward(
             method,
-            upstream_path,
+            repository,
+            endpoint,
             kind=kind,
-            repository=repository.path,
             actions=actions,
             query=query or [],
-            headers=CIMultiDict(headers or {}),
-            data=body,
+            headers=headers,
+            body=body,
         )
-        await client.raise_for_status(response, kind)
-        response.release()
-        out = _relay_headers(response.headers)
-        self._rewrite_location(repository, address, response.headers, out, offset)
+        return self._relayed(repository, address, written, 0)
+
+    def _relayed(
+        self, repository: Repository, address: ClientAddress, written: Written, offset: int
+    ) -> Forwarded:
+        out = _relay_headers(written.headers)
+        self._rewrite_location(repository, address, written.headers, out, offset)
         out["Content-Length"] = "0"
-        return Forwarded(
-            response.status, out, upstream_location=response.headers.get("Location", "")
-        )
+        return Forwarded(written.status, out, upstream_location=written.headers.get("Location", ""))
 
     # --- uploads -----------------------------------------------------------------------
 
@@ -265,7 +266,7 @@ class Pusher:
             "POST",
             repository,
             address,
-            f"/v2/{repository.path}/blobs/uploads/",
+            "blobs/uploads/",
             kind="upload",
             actions=("pull", "push"),
             query=params,
@@ -366,18 +367,15 @@ class Pusher:
         body: AsyncIterable[bytes] | None = None,
         offset: int = 0,
     ) -> Forwarded:
-        return await self._forward(
+        written = await self.clients[session.repository.registry].forward_session(
             method,
             session.repository,
-            session.address,
             session.path,
-            kind="upload",
-            actions=("pull", "push"),
             query=session.params + (query or []),
             headers=headers,
             body=body,
-            offset=offset,
         )
+        return self._relayed(session.repository, session.address, written, offset)
 
     async def _append(
         self,
@@ -471,23 +469,17 @@ class Pusher:
         cancelled = "no"
         try:
             client = self.clients[session.repository.registry]
-            response = await client.request(
-                "DELETE",
-                session.path,
-                kind="upload",
-                repository=session.repository.path,
-                actions=("pull", "push"),
-                query=session.params,
+            answer = await client.forward_session(
+                "DELETE", session.repository, session.path, query=session.params, check=False
             )
-            response.release()
             # 404: the upstream already dropped it. Anything else: it may still be there.
-            if response.status < 300 or response.status == 404:
+            if answer.status < 300 or answer.status == 404:
                 cancelled = "yes"
             else:
                 log.warning(
                     "upstream %s kept an upload session the gate cancelled (status %d)",
                     session.repository.registry,
-                    response.status,
+                    answer.status,
                 )
         except RegistryError as error:
             log.warning("could not cancel an upload session upstream: %s", error.message)
@@ -516,7 +508,7 @@ class Pusher:
             "PUT",
             repository,
             address,
-            f"/v2/{repository.path}/manifests/{reference}",
+            f"manifests/{reference}",
             kind="manifest",
             actions=("pull", "push"),
             query=[("tag", tag) for tag in tags],
@@ -550,7 +542,7 @@ class Pusher:
                 "DELETE",
                 repository,
                 address,
-                f"/v2/{repository.path}/{segment}/{reference}",
+                f"{segment}/{reference}",
                 kind=kind,
                 actions=("delete",),
             )

@@ -20,11 +20,10 @@ from weakref import WeakValueDictionary
 from proxy.content.manifest_checks import MAX_MANIFEST_SIZE
 from proxy.errors import ManifestUnknown, RegistryError, UpstreamUnavailable
 from proxy.names.references import Repository, validate_digest
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.api import Registry
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 IMAGE_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
-FILTERS_APPLIED = "OCI-Filters-Applied"
 # The spec limits the fallback tag to 128 characters (the tag grammar's length).
 MAX_TAG = 128
 
@@ -104,7 +103,7 @@ def with_descriptor(document: dict[str, Any], descriptor: Mapping[str, Any]) -> 
 class ReferrersFallback:
     """Reads and maintains the referrers tag schema on upstreams without the API."""
 
-    def __init__(self, clients: Mapping[str, UpstreamClient]) -> None:
+    def __init__(self, clients: Mapping[str, Registry]) -> None:
         self.clients = clients
         # One lock per (registry, repository, subject): the read-modify-write of a
         # fallback index must not interleave, or one referrer is lost.
@@ -114,12 +113,8 @@ class ReferrersFallback:
         """The fallback index of `subject`, or None when the tag does not exist."""
         client = self.clients[repository.registry]
         try:
-            _, body = await client.get_body(
-                f"/v2/{repository.path}/manifests/{fallback_tag(subject)}",
-                kind="manifest",
-                repository=repository.path,
-                limit=MAX_MANIFEST_SIZE,
-                headers={"Accept": INDEX_TYPE},
+            _, body = await client.get_manifest(
+                repository, fallback_tag(subject), [INDEX_TYPE], MAX_MANIFEST_SIZE
             )
         except ManifestUnknown:
             return None
@@ -142,14 +137,12 @@ class ReferrersFallback:
             current = await self.read(repository, subject) or empty_index()
             updated = encode(with_descriptor(current, descriptor))
             client = self.clients[repository.registry]
-            response = await client.request(
+            await client.forward(
                 "PUT",
-                f"/v2/{repository.path}/manifests/{fallback_tag(subject)}",
+                repository,
+                f"manifests/{fallback_tag(subject)}",
                 kind="manifest",
-                repository=repository.path,
                 actions=("pull", "push"),
                 headers={"Content-Type": INDEX_TYPE},
-                data=updated,
+                body=updated,
             )
-            await client.raise_for_status(response, "manifest")
-            response.release()

@@ -28,13 +28,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.content import referrers
 from proxy.content.coalesce import Coalescer
@@ -50,7 +48,7 @@ from proxy.names.references import Repository, validate_digest
 from proxy.observability.metrics import Metrics
 from proxy.storage.cache import Cache
 from proxy.storage.manifest_cache import MAX_MEDIA_TYPE, TagEntry
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.api import FILTERS_APPLIED, Registry
 
 INDEX_TYPE = referrers.INDEX_TYPE
 # Upstream pages followed for one answer; the merged answer must also fit the 4 MiB a
@@ -72,7 +70,7 @@ class ReferrersAnswer:
     def headers(self) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict({"Content-Type": INDEX_TYPE})
         if self.filtered:
-            headers[referrers.FILTERS_APPLIED] = "artifactType"
+            headers[FILTERS_APPLIED] = "artifactType"
         return headers
 
 
@@ -91,7 +89,7 @@ class ReferrersService:
 
     def __init__(
         self,
-        clients: dict[str, UpstreamClient],
+        clients: Mapping[str, Registry],
         cache: Callable[[], Cache],
         metrics: Metrics | None = None,
         *,
@@ -214,80 +212,30 @@ class _Page:
 
 
 async def _read_pages(
-    client: UpstreamClient, repository: Repository, subject: str, artifact_type: str | None
+    client: Registry, repository: Repository, subject: str, artifact_type: str | None
 ) -> list[_Page] | None:
     """The upstream's verified pages (following `Link: rel="next"` within `MAX_PAGES` and
     4 MiB in all), or None when it has no referrers API (404 on the first page)."""
-    path = f"/v2/{repository.path}/referrers/{subject}"
-    query = [("artifactType", artifact_type)] if artifact_type else []
+    query: list[tuple[str, str]] = [("artifactType", artifact_type)] if artifact_type else []
     pages: list[_Page] = []
     received = 0
-    for number in range(MAX_PAGES):
-        response = await client.request(
-            "GET",
-            path,
-            kind="referrers",
-            repository=repository.path,
-            query=query,
-            headers={"Accept": INDEX_TYPE},
-        )
-        if response.status == 404 and number == 0:
-            response.release()
+    for _ in range(MAX_PAGES):
+        # The budget bounds the whole answer, not each page.
+        page = await client.referrers(repository, subject, query, MAX_MANIFEST_SIZE - received)
+        if page is None:
+            if pages:
+                raise UpstreamUnavailable(
+                    f"upstream {client.name} lost its referrers API between pages"
+                )
             return None
-        await client.raise_for_status(response, "referrers")
-        try:
-            budget = MAX_MANIFEST_SIZE - received
-            body = await _read_within(client, response, budget)
-            next_query = _next_query(client, response)
-            content_type = response.headers.get("Content-Type")
-            applied = response.headers.getall(referrers.FILTERS_APPLIED, [])
-        finally:
-            response.release()
-        received += len(body)
-        pages.append(verify_page(body, content_type, applied, client.name))
-        if next_query is None:
+        received += len(page.body)
+        pages.append(verify_page(page.body, page.content_type, page.filters_applied, client.name))
+        if page.next_query is None:
             return pages
-        query = next_query
+        query = page.next_query
     raise UpstreamUnavailable(
         f"the referrers answer of upstream {client.name} has more than {MAX_PAGES} pages"
     )
-
-
-async def _read_within(
-    client: UpstreamClient, response: aiohttp.ClientResponse, budget: int
-) -> bytes:
-    too_large = UpstreamUnavailable(f"the referrers answer of upstream {client.name} is over 4 MiB")
-    if response.content_length is not None and response.content_length > budget:
-        raise too_large
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        async for chunk in response.content.iter_chunked(64 * 1024):
-            total += len(chunk)
-            if total > budget:
-                raise too_large
-            chunks.append(chunk)
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"upstream {client.name} stalled while sending referrers") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream {client.name} failed while sending referrers") from exc
-    return b"".join(chunks)
-
-
-def _next_query(
-    client: UpstreamClient, response: aiohttp.ClientResponse
-) -> list[tuple[str, str]] | None:
-    """The query of the upstream's next page, if it announced one. Only the query is
-    used, always against the same referrers path of the upstream itself: a `Link` cannot
-    send the gate (and its credentials) elsewhere."""
-    try:
-        link = response.links.get("next")
-    except ValueError as exc:
-        raise UpstreamUnavailable(f"upstream {client.name} sent an invalid Link header") from exc
-    target = None if link is None else link.get("url")
-    if not isinstance(target, URL):
-        return None
-    return list(target.query.items()) or None
 
 
 def verify_page(

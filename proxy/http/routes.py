@@ -22,12 +22,11 @@ from proxy.errors import (
     RegistryError,
     Unsupported,
 )
+from proxy.http.blob_responses import blob_response
 from proxy.http.middleware import API_VERSION_HEADER, request_context
-from proxy.http.ranges import content_range, parse_range
 from proxy.http.request_bodies import body_deadline
 from proxy.names.addressing import Target, V2Route, locate, parse_v2_path
 from proxy.names.references import (
-    Repository,
     is_digest,
     validate_digest,
     validate_reference,
@@ -162,46 +161,11 @@ async def _blob(
     assert route.ref is not None
     digest = route.ref
     access = await services.gatekeeper.check_pull(_context(request), target, digest, "blob")
-    repository = access.location
-    pull = services.pull
     headers = {**_BLOB_HEADERS, "Docker-Content-Digest": digest, "Etag": f'"{digest}"'}
-    if request.method == "HEAD":
-        size = await pull.blob_size(repository, digest)
-        return web.Response(headers={**headers, "Content-Length": str(size)})
-    range_header = request.headers.get("Range")
-    await pull.ensure_held(repository, digest)
-    path = await pull.cached_blob(repository, digest)
-    if path is not None:
-        # Parsed here so a bad range gets the OCI 416; FileResponse serves the bytes
-        # with sendfile, for the range parsed here (never its own reading of the header).
-        selected = parse_range(range_header, path.stat().st_size)
-        services.metrics.served_bytes.labels("cache").inc(path.stat().st_size)
-        return pull.file_response(digest, path, headers, selected)
-    async with pull.blob_stream(repository, digest) as blob:
-        status = 200
-        if blob.size is not None:
-            selected = parse_range(range_header, blob.size)
-            if selected is not None:
-                first, last = selected
-                blob.narrow(first, last - first + 1)
-                headers["Content-Range"] = content_range(first, last, blob.size)
-                status = 206
-        response = web.StreamResponse(status=status, headers=headers)
-        if blob.length is not None:
-            response.content_length = blob.length
-        await response.prepare(request)
-        served = services.metrics.served_bytes.labels("upstream")
-        try:
-            async for chunk in blob:
-                await response.write(chunk)
-                served.inc(len(chunk))
-        except Exception:
-            # Headers are gone: the only honest signal left is a body that ends short.
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        await response.write_eof()
-        return response
+    async with services.pull.blob(
+        access.location, digest, request.headers.get("Range"), head=request.method == "HEAD"
+    ) as body:
+        return await blob_response(request, body, headers, services.metrics)
 
 
 async def _tags(
@@ -297,7 +261,7 @@ async def _write(
     elif route.kind in ("manifest", "blob") and method == "DELETE":
         assert route.ref is not None
         forwarded = await services.pusher.delete(repository, address, route.kind, route.ref)
-        await _forget_deleted(services, repository, route.ref)
+        await services.pull.forget(repository, route.ref)
     else:
         raise Unsupported(f"{method} is not supported on this endpoint")
     subject = forwarded.headers.get("OCI-Subject") if route.kind == "manifest" else None
@@ -317,21 +281,6 @@ async def _write(
             extra={"reference": route.ref, "kind": route.kind},
         )
     return web.Response(status=forwarded.status, headers=forwarded.headers, body=forwarded.body)
-
-
-async def _forget_deleted(services: Services, repository: Repository, reference: str) -> None:
-    """After a delete went through, stop serving the reference for this repository from
-    cache: a deleted tag, and a deleted digest (with the tags cached as pointing at it)."""
-    cache = services.pull.cache
-    if not is_digest(reference):
-        await cache.tags.delete(repository, reference)
-        return
-    # Forgotten for every repository: the others are confirmed upstream again when asked.
-    await cache.repositories.forget(reference)
-    for tag in await cache.tags.tags(repository):
-        entry = await cache.tags.get(repository, tag)
-        if entry is not None and entry.digest == reference:
-            await cache.tags.delete(repository, tag)
 
 
 def add_routes(app: web.Application) -> None:

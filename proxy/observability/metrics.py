@@ -224,6 +224,11 @@ class Metrics:
             ["source"],
             registry=registry,
         )
+        self.blob_redirects = Counter(
+            "registry_gate_blob_redirects_total",
+            "Cached blob GETs answered with a redirect to the blob store (its own URL).",
+            registry=registry,
+        )
         self.tag_revalidations = Counter(
             "registry_gate_tag_revalidations_total",
             "Upstream HEADs asking what a tag points at (one at a time per tag), by upstream "

@@ -3,18 +3,22 @@
 Takes one policy snapshot per request (so a reload never shows a request half of each
 policy), resolves short names through it, asks policy, records the decision (metrics and
 the audit log), and raises `Denied` naming the rule when policy refuses.
+
+It asks the pull path questions (does this repository have it upstream?) through
+`ResolutionProbes` and says when a resolution is pinned through `on_pinned`; what the
+cache does with either (recording holds, protecting a pinned repository's blobs) is the
+pull path's business, wired by the composition root.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cachetools import TTLCache
 
-from proxy.content.pull_through import PullThrough
 from proxy.errors import NameUnknown, RegistryError
 from proxy.names.addressing import Target
 from proxy.names.references import Repository, is_digest, strip_docker_library
@@ -29,6 +33,27 @@ from proxy.storage.pins import Creator, PinCreators
 log = logging.getLogger("registry_gate.policy")
 # How long a short name's resolution is remembered for the blob requests that follow it.
 RESOLUTION_MEMORY_SECONDS = 600.0
+
+
+# Told each time a request resolves through a pin (the pull path protects its content).
+PinnedHook = Callable[[Repository], Awaitable[None]]
+
+
+class ResolutionProbes(Protocol):
+    """What short-name resolution asks about a candidate repository (False only when it
+    does not exist there; failures raise)."""
+
+    async def blob_exists(self, repository: Repository, digest: str) -> bool:
+        """Whether the repository has the blob."""
+        ...
+
+    async def manifest_exists(self, repository: Repository, reference: str) -> bool:
+        """Whether the repository has the manifest (tag or digest)."""
+        ...
+
+    async def repository_exists(self, repository: Repository) -> bool:
+        """Whether the repository exists."""
+        ...
 
 
 @dataclass(slots=True)
@@ -84,15 +109,18 @@ class Gatekeeper:
     def __init__(
         self,
         holder: PolicyHolder,
-        pull: PullThrough,
+        probes: ResolutionProbes,
         metrics: Metrics,
         audit: AuditLog,
         registries: frozenset[str],
         pin_creators: PinCreators | None = None,
+        *,
+        on_pinned: PinnedHook | None = None,
     ) -> None:
         self.holder = holder
         self.pin_creators = pin_creators or PinCreators()
-        self.pull = pull
+        self.probes = probes
+        self.on_pinned = on_pinned
         self.metrics = metrics
         self.audit = audit
         self.registries = registries
@@ -126,18 +154,8 @@ class Gatekeeper:
             if remembered is not None:
                 return remembered, None
         if kind == "blob" and reference is not None:
-
-            async def blob_probe(repository: Repository, digest: str) -> bool:
-                try:
-                    await self.pull.blob_size(repository, digest)
-                except RegistryError as error:
-                    if error.status == 404:
-                        return False
-                    raise
-                return True
-
             resolution = await snapshot.resolver.resolve(
-                short, reference, blob_probe, record_pin=False
+                short, reference, self.probes.blob_exists, record_pin=False
             )
         elif kind == "manifest" and reference is not None:
             # A pin binds the name for everyone: only the principals policy.pin_creators
@@ -145,7 +163,7 @@ class Gatekeeper:
             resolution = await snapshot.resolver.resolve(
                 short,
                 reference,
-                self.pull.exists,
+                self.probes.manifest_exists,
                 record_pin=self.pin_creators.allows(context.principal),
                 creator=Creator.of(context.principal, context.client, context.request_id),
             )
@@ -153,14 +171,14 @@ class Gatekeeper:
             # A tag list or referrers: the first search registry that has the repository.
 
             async def repository_probe(repository: Repository, _reference: str) -> bool:
-                return await self.pull.repository_exists(repository)
+                return await self.probes.repository_exists(repository)
 
             resolution = await snapshot.resolver.resolve(
                 short, reference or "latest", repository_probe, record_pin=False
             )
         self.metrics.shortname_resolutions.labels(resolution.reason).inc()
-        if resolution.pinned:
-            await self.pull.cache.protect(resolution.repository)
+        if resolution.pinned and self.on_pinned is not None:
+            await self.on_pinned(resolution.repository)
         if resolution.pin_created:
             await self.record(
                 context,

@@ -1,7 +1,9 @@
 """The content-addressed blob cache: where verified blobs live, and how space is reclaimed.
 
-Owns the `BlobStore` protocol (what any backend, filesystem or object store, must offer)
-and its embedded filesystem implementation:
+Owns the `BlobStore` protocol (what any backend, filesystem or object store, must offer:
+no local paths), the optional capabilities a store may add (`LocalBlobFiles`: a local
+file to send with sendfile; `BlobRedirects`: a URL the client may fetch the blob from),
+and the embedded filesystem implementation:
 
     <root>/blobs/<algorithm>/<hex>   published blobs, only ever created by an atomic rename
                                      of a complete file whose bytes hashed to its name
@@ -38,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from proxy.errors import DigestInvalid
 from proxy.names.references import validate_digest
@@ -109,7 +111,7 @@ class BlobReader(Protocol):
 
 class BlobWriter(Protocol):
     """One fill: bytes go to a private place while they are hashed; nothing is visible
-    to `path_for`/`stat`/`open_reader` of the store until `commit` verified them."""
+    to `stat`/`open_reader` (or a capability) of the store until `commit` verified them."""
 
     @property
     def digest(self) -> str:
@@ -153,11 +155,6 @@ class BlobStore(Protocol):
     async def close(self) -> None:
         """Release the store (files, locks, connections)."""
 
-    async def path_for(self, digest: str) -> Path | None:
-        """A local path of the published blob (for zero-copy sending), counting as an
-        access; None when not cached or when the backend has no local files."""
-        ...
-
     async def stat(self, digest: str) -> int | None:
         """The size of the published blob, or None when not cached."""
         ...
@@ -191,6 +188,28 @@ class BlobStore(Protocol):
 
     async def stats(self) -> BlobStats:
         """Counts for `cache stats` and metrics."""
+        ...
+
+
+@runtime_checkable
+class LocalBlobFiles(Protocol):
+    """Optional capability: published blobs are local files (a filesystem store), so the
+    pull path may send them with sendfile instead of reading them through the loop."""
+
+    async def local_path(self, digest: str) -> Path | None:
+        """The local file of the published blob, counting as an access; None when not
+        cached."""
+        ...
+
+
+@runtime_checkable
+class BlobRedirects(Protocol):
+    """Optional capability: a published blob can be fetched by the client itself from a
+    URL (an object store's presigned GET), so the gate answers 307 instead of the bytes."""
+
+    async def redirect_url(self, digest: str) -> str | None:
+        """A URL serving the published blob (counting as an access), or None to serve it
+        through the gate (not cached, or redirects off)."""
         ...
 
 
@@ -251,7 +270,7 @@ class _Entry:
 
 
 class FilesystemBlobStore:
-    """`BlobStore` on a local directory (the embedded default)."""
+    """`BlobStore` on a local directory (the embedded default), with `LocalBlobFiles`."""
 
     def __init__(
         self,
@@ -337,7 +356,7 @@ class FilesystemBlobStore:
         algorithm, _, hexpart = validate_digest(digest).partition(":")
         return self._blobs / algorithm / hexpart
 
-    async def path_for(self, digest: str) -> Path | None:
+    async def local_path(self, digest: str) -> Path | None:
         entry = self._index.get(digest)
         if entry is None:
             return None
@@ -359,7 +378,7 @@ class FilesystemBlobStore:
         return None if entry is None else entry.size
 
     async def open_reader(self, digest: str) -> BlobReader | None:
-        path = await self.path_for(digest)
+        path = await self.local_path(digest)
         if path is None:
             return None
         try:

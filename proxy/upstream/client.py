@@ -1,5 +1,8 @@
 """One client per upstream registry: pooled connections, timeouts, auth, status mapping.
 
+`UpstreamClient` implements the OCI-terms `Registry` protocol (`proxy.upstream.api`): it
+is the one place that builds `/v2/` URLs and maps upstream failures (`map_failure`).
+
 The client performs the Bearer token dance itself (parse the challenge, fetch a token
 from the realm with the needed scope and the upstream's credentials, cache it until
 shortly before expiry), answers Basic challenges, follows blob redirects only to hosts
@@ -23,9 +26,9 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from cachetools import TLRUCache
@@ -43,15 +46,25 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.names.references import Repository
 from proxy.settings import UpstreamSettings
+from proxy.upstream.api import (
+    FILTERS_APPLIED,
+    BlobDownload,
+    Kind,
+    ReferrersPage,
+    TagPage,
+    Written,
+)
 from proxy.upstream.challenge import Challenge, bearer_challenge, parse_challenges, repository_scope
 from proxy.upstream.circuit import Attempt, CircuitBreaker, CircuitOpen
 from proxy.upstream.egress import EgressPolicy, EgressRefused
 
-Kind = Literal["manifest", "blob", "tags", "upload", "referrers", "ping"]
 MAX_TOKEN_RESPONSE = 1024 * 1024
 MAX_ERROR_BODY = 64 * 1024
 MAX_REDIRECTS = 10
+BLOB_CHUNK = 1024 * 1024
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 log = logging.getLogger(__name__)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # A token is refreshed this long before it expires, so no request carries a dying token.
@@ -636,6 +649,258 @@ class UpstreamClient:
         finally:
             response.release()
         raise map_failure(self.name, response.status, kind, response.headers, body)
+
+    # --- the registry API in OCI terms (proxy.upstream.api.Registry) --------------------
+
+    async def head_manifest(
+        self, repository: Repository, reference: str, accept: Sequence[str]
+    ) -> Mapping[str, str]:
+        response = await self.request(
+            "HEAD",
+            _v2(repository, "manifests", reference),
+            kind="manifest",
+            repository=repository.path,
+            headers=_accept_headers(accept),
+        )
+        await self.raise_for_status(response, "manifest")
+        response.release()
+        return response.headers
+
+    async def get_manifest(
+        self, repository: Repository, reference: str, accept: Sequence[str], limit: int
+    ) -> tuple[Mapping[str, str], bytes]:
+        return await self.get_body(
+            _v2(repository, "manifests", reference),
+            kind="manifest",
+            repository=repository.path,
+            limit=limit,
+            headers=_accept_headers(accept),
+        )
+
+    async def manifest_exists(
+        self, repository: Repository, reference: str, accept: Sequence[str]
+    ) -> bool:
+        return await self.probe(
+            "HEAD",
+            _v2(repository, "manifests", reference),
+            kind="manifest",
+            repository=repository.path,
+            headers=_accept_headers(accept),
+        )
+
+    async def _blob_response(
+        self, repository: Repository, digest: str, method: str
+    ) -> aiohttp.ClientResponse:
+        response = await self.request(
+            method,
+            _v2(repository, "blobs", digest),
+            kind="blob",
+            repository=repository.path,
+            follow_redirects=True,
+        )
+        await self.raise_for_status(response, "blob")
+        return response
+
+    async def head_blob(self, repository: Repository, digest: str) -> int | None:
+        response = await self._blob_response(repository, digest, "HEAD")
+        response.release()
+        length = response.headers.get("Content-Length", "")
+        return int(length) if length.isdigit() else None
+
+    @contextlib.asynccontextmanager
+    async def open_blob(self, repository: Repository, digest: str) -> AsyncIterator[BlobDownload]:
+        response = await self._blob_response(repository, digest, "GET")
+        try:
+            yield BlobDownload(response.content_length, self._relay(response))
+        finally:
+            response.release()
+
+    async def _relay(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.content.iter_chunked(BLOB_CHUNK):
+                yield chunk
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {self.name} stalled while sending a blob") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"upstream {self.name} failed while sending a blob") from exc
+        finally:
+            response.release()
+
+    async def repository_exists(self, repository: Repository) -> bool:
+        return await self.probe(
+            "GET",
+            _v2(repository, "tags", "list"),
+            kind="tags",
+            repository=repository.path,
+            query=[("n", "1")],
+        )
+
+    async def tag_page(
+        self, repository: Repository, query: Sequence[tuple[str, str]], cap: int
+    ) -> TagPage:
+        response = await self.request(
+            "GET",
+            _v2(repository, "tags", "list"),
+            kind="tags",
+            repository=repository.path,
+            query=query,
+        )
+        await self.raise_for_status(response, "tags")
+        try:
+            body = await self._read_page(response, cap)
+            return TagPage(body, None if body is None else self._next_query(response))
+        finally:
+            response.release()
+
+    async def _read_page(self, response: aiohttp.ClientResponse, cap: int) -> bytearray | None:
+        """The page's body, or None as soon as it is known to exceed `cap` bytes."""
+        if response.content_length is not None and response.content_length > cap:
+            return None
+        body = bytearray()
+        try:
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                if len(body) + len(chunk) > cap:
+                    return None
+                body += chunk
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {self.name} stalled while sending a tag list") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.name} failed while sending a tag list"
+            ) from exc
+        return body
+
+    def _next_query(self, response: aiohttp.ClientResponse) -> list[tuple[str, str]] | None:
+        """The query of the upstream's next page (tag lists, referrers), if it announced
+        one; only its query is used, always against the same path of the upstream itself:
+        a `Link` cannot send the gate (and its credentials) elsewhere."""
+        try:
+            link = response.links.get("next")
+        except ValueError as exc:
+            raise UpstreamUnavailable(f"upstream {self.name} sent an invalid Link header") from exc
+        target = None if link is None else link.get("url")
+        if not isinstance(target, URL):
+            return None
+        pairs = [(key, value) for key, value in target.query.items()]
+        return pairs or None
+
+    async def referrers(
+        self,
+        repository: Repository,
+        digest: str,
+        query: Sequence[tuple[str, str]],
+        budget: int,
+    ) -> ReferrersPage | None:
+        response = await self.request(
+            "GET",
+            _v2(repository, "referrers", digest),
+            kind="referrers",
+            repository=repository.path,
+            query=list(query),
+            headers={"Accept": INDEX_TYPE},
+        )
+        if response.status == 404:
+            # No referrers API (Distribution 2.8 answers 404 to the path).
+            response.release()
+            return None
+        await self.raise_for_status(response, "referrers")
+        try:
+            body = await _read_capped(response, budget, self.name)
+            return ReferrersPage(
+                body,
+                response.headers.get("Content-Type"),
+                response.headers.getall(FILTERS_APPLIED, []),
+                self._next_query(response),
+            )
+        finally:
+            response.release()
+
+    async def forward(
+        self,
+        method: str,
+        repository: Repository,
+        endpoint: str,
+        *,
+        kind: Kind,
+        actions: tuple[str, ...],
+        query: Iterable[tuple[str, str]] = (),
+        headers: Mapping[str, str] | None = None,
+        body: bytes | AsyncIterable[bytes] | None = None,
+    ) -> Written:
+        return await self._write(
+            method,
+            _v2(repository, endpoint),
+            kind=kind,
+            repository=repository,
+            actions=actions,
+            query=query,
+            headers=headers,
+            body=body,
+        )
+
+    async def forward_session(
+        self,
+        method: str,
+        repository: Repository,
+        session_path: str,
+        *,
+        query: Iterable[tuple[str, str]] = (),
+        headers: Mapping[str, str] | None = None,
+        body: bytes | AsyncIterable[bytes] | None = None,
+        check: bool = True,
+    ) -> Written:
+        return await self._write(
+            method,
+            session_path,
+            kind="upload",
+            repository=repository,
+            actions=("pull", "push"),
+            query=query,
+            headers=headers,
+            body=body,
+            check=check,
+        )
+
+    async def _write(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: Kind,
+        repository: Repository,
+        actions: tuple[str, ...],
+        query: Iterable[tuple[str, str]],
+        headers: Mapping[str, str] | None,
+        body: bytes | AsyncIterable[bytes] | None,
+        check: bool = True,
+    ) -> Written:
+        response = await self.request(
+            method,
+            path,
+            kind=kind,
+            repository=repository.path,
+            actions=actions,
+            query=query,
+            headers=CIMultiDict(headers or {}),
+            data=body,
+        )
+        if check:
+            await self.raise_for_status(response, kind)
+        response.release()
+        return Written(response.status, response.headers)
+
+
+def _v2(repository: Repository, *segments: str) -> str:
+    """The upstream path of an endpoint of `repository` (names and references are
+    validated before they get here: no segment can escape the repository)."""
+    return "/".join((f"/v2/{repository.path}", *segments))
+
+
+def _accept_headers(accept: Sequence[str]) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in accept:
+        headers.add("Accept", line)
+    return headers
 
 
 async def _read_capped(

@@ -17,14 +17,11 @@ import json
 import logging
 from typing import TypeGuard
 
-import aiohttp
-from yarl import URL
-
 from proxy.content.coalesce import Coalescer
-from proxy.errors import TagInvalid, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import TagInvalid, UpstreamUnavailable
 from proxy.names.references import Repository, validate_tag
 from proxy.settings import TagListSettings
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.api import Registry
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +38,7 @@ class TagListFetcher:
         # repositories; requests beyond it wait for a slot.
         self._slots = asyncio.Semaphore(limits.max_concurrent)
 
-    async def tags(self, client: UpstreamClient, repository: Repository) -> list[str]:
+    async def tags(self, client: Registry, repository: Repository) -> list[str]:
         """Every tag of `repository` (sorted, distinct), joining a fetch under way."""
         return await self._flights.run(repository, lambda: self._fetch(client, repository))
 
@@ -49,15 +46,14 @@ class TagListFetcher:
         """Stop fetches still running (shutdown)."""
         await self._flights.close()
 
-    async def _fetch(self, client: UpstreamClient, repository: Repository) -> list[str]:
+    async def _fetch(self, client: Registry, repository: Repository) -> list[str]:
         async with self._slots:
             return await _read_list(client, repository, self._limits)
 
 
 async def _read_list(
-    client: UpstreamClient, repository: Repository, limits: TagListSettings
+    client: Registry, repository: Repository, limits: TagListSettings
 ) -> list[str]:
-    path = f"/v2/{repository.path}/tags/list"
     query: list[tuple[str, str]] = []
     tags: set[str] = set()
     body = bytearray()
@@ -66,23 +62,16 @@ async def _read_list(
     dropped = 0
     try:
         for _page in range(limits.max_pages):
-            response = await client.request(
-                "GET", path, kind="tags", repository=repository.path, query=query
-            )
-            await client.raise_for_status(response, "tags")
-            try:
-                budget = limits.max_bytes - received
-                page = await _read_page(client, response, min(limits.max_page_bytes, budget))
-                if page is None:
-                    if budget < limits.max_page_bytes:
-                        raise _too_large(client, f"{limits.max_bytes} bytes (tag_lists.max_bytes)")
-                    raise _too_large(
-                        client, f"{limits.max_page_bytes} bytes a page (tag_lists.max_page_bytes)"
-                    )
-                body = page
-                next_query = _next_query(client, response)
-            finally:
-                response.release()
+            budget = limits.max_bytes - received
+            page = await client.tag_page(repository, query, min(limits.max_page_bytes, budget))
+            if page.body is None:
+                if budget < limits.max_page_bytes:
+                    raise _too_large(client, f"{limits.max_bytes} bytes (tag_lists.max_bytes)")
+                raise _too_large(
+                    client, f"{limits.max_page_bytes} bytes a page (tag_lists.max_page_bytes)"
+                )
+            body = page.body
+            next_query = page.next_query
             received += len(body)
             listed = _parse_page(client, body)
             body.clear()  # the page's bytes are not needed once parsed
@@ -114,28 +103,7 @@ async def _read_list(
     return sorted(tags)
 
 
-async def _read_page(
-    client: UpstreamClient, response: aiohttp.ClientResponse, cap: int
-) -> bytearray | None:
-    """The page's body, or None as soon as it is known to exceed `cap` bytes."""
-    if response.content_length is not None and response.content_length > cap:
-        return None
-    body = bytearray()
-    try:
-        async for chunk in response.content.iter_chunked(READ_CHUNK):
-            if len(body) + len(chunk) > cap:
-                return None
-            body += chunk
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"upstream {client.name} stalled while sending a tag list") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(
-            f"upstream {client.name} failed while sending a tag list"
-        ) from exc
-    return body
-
-
-def _parse_page(client: UpstreamClient, body: bytearray) -> list[object]:
+def _parse_page(client: Registry, body: bytearray) -> list[object]:
     """The page's `tags` (a missing or null list is empty)."""
     invalid = f"upstream {client.name} sent an invalid tag list"
     try:
@@ -166,23 +134,7 @@ def _is_tag(value: object) -> TypeGuard[str]:
     return True
 
 
-def _next_query(
-    client: UpstreamClient, response: aiohttp.ClientResponse
-) -> list[tuple[str, str]] | None:
-    """The query of the upstream's next page, if it announced one; only its query is
-    used, always against the upstream's own tag-list path."""
-    try:
-        link = response.links.get("next")
-    except ValueError as exc:
-        raise UpstreamUnavailable(f"upstream {client.name} sent an invalid Link header") from exc
-    target = None if link is None else link.get("url")
-    if not isinstance(target, URL):
-        return None
-    pairs = [(key, value) for key, value in target.query.items()]
-    return pairs or None
-
-
-def _too_large(client: UpstreamClient, bound: str) -> UpstreamUnavailable:
+def _too_large(client: Registry, bound: str) -> UpstreamUnavailable:
     return UpstreamUnavailable(
         f"the tag list of upstream {client.name} is larger than the gate accepts: over {bound}"
     )
