@@ -13,7 +13,10 @@ What counts against the cap (`LedgerUsage.used`):
 - evicted or deleted blobs whose bytes the store has not removed yet (`draining`): the
   ledger forgets a victim at once (no reader finds it again) but keeps counting its bytes
   in a draining reservation until the store `release`s it, so no fill takes the space
-  before it is really free.
+  before it is really free. Victims evicted by a `reserve` drain only beyond the bytes
+  that reserve took: the store deletes them (and releases the draining reservation)
+  before the fill writes, so a victim and the fill replacing it are never on the storage
+  together, and counting both would evict twice.
 
 The reserve decision (fits? which least-recently-used blobs not in `skip` go?) is atomic
 in each implementation: all or nothing, `CacheFull` evicting nothing when the room cannot
@@ -58,6 +61,7 @@ class Eviction:
     victims: list[tuple[str, int]]
     """(digest, size), least recently used first."""
     draining: Reservation
+    """Their bytes still counted (for a `reserve`: beyond what it reserved)."""
     over: int = 0
     """Bytes still over the cap after `victims_for_gc` (the rest is skipped or reserved)."""
 
@@ -117,7 +121,8 @@ class BlobLedger(Protocol):
         """Count `size` more bytes of a fill (a new reservation, or grow `reservation`),
         evicting least-recently-used blobs not in `skip` to make room, atomically.
         CacheFull, with nothing evicted or reserved, when it cannot fit; `never=True` when
-        `size` alone exceeds `max_size`."""
+        `size` alone exceeds `max_size`. The caller deletes the victims and releases the
+        eviction's `draining` before writing the reserved bytes."""
         ...
 
     async def release(self, reservation: Reservation) -> None:
@@ -181,11 +186,12 @@ class MemoryLedger:
                 filling += reservation.size
         return LedgerUsage(len(self._index), self._total, filling, draining)
 
-    def _drop(self, victims: list[tuple[str, int]]) -> Eviction:
+    def _drop(self, victims: list[tuple[str, int]], credit: int = 0) -> Eviction:
         for digest, size in victims:
             del self._index[digest]
             self._total -= size
-        return Eviction(victims, self._new(sum(s for _, s in victims), draining=True))
+        drained = max(sum(s for _, s in victims) - credit, 0)
+        return Eviction(victims, self._new(drained, draining=True))
 
     def _choose(self, excess: int, skip: Collection[str]) -> tuple[list[tuple[str, int]], int]:
         victims: list[tuple[str, int]] = []
@@ -241,7 +247,7 @@ class MemoryLedger:
                 raise CacheFull(f"no room for {size} bytes: the rest of the cache is in use")
         reservation.size += size
         self._reservations[reservation.id] = reservation
-        return reservation, self._drop(victims)
+        return reservation, self._drop(victims, credit=size)
 
     async def release(self, reservation: Reservation) -> None:
         self._reservations.pop(reservation.id, None)

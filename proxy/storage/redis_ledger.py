@@ -102,8 +102,9 @@ local function choose(excess, skip)
   return victims, excess
 end
 
--- Forget the victims; their bytes drain under `drain_id` until the owner releases it.
-local function drop(victims, drain_id, ttl)
+-- Forget the victims; their bytes beyond `credit` (what the evicting fill reserved: it
+-- writes only once they are deleted) drain under `drain_id` until the owner releases it.
+local function drop(victims, drain_id, ttl, credit)
   local sum = 0
   for i = 1, #victims, 2 do
     redis.call('ZREM', lru, victims[i])
@@ -112,9 +113,13 @@ local function drop(victims, drain_id, ttl)
   end
   if sum > 0 then
     redis.call('DECRBY', total, sum)
-    redis.call('HSET', res, drain_id, sum)
+  end
+  local drained = sum - credit
+  if drained > 0 then
+    redis.call('HSET', res, drain_id, drained)
     redis.call('ZADD', exp, now_ms + ttl, drain_id)
   end
+  return math.max(drained, 0)
 end
 
 local function skipset(first)
@@ -125,7 +130,7 @@ end
 """
 
 # ARGV: size, max_size, fill id, drain id, ttl ms, skip...
-# -> {1, 0, digest, size, ...} reserved; {0, excess} CacheFull (nothing changed)
+# -> {1, drained, digest, size, ...} reserved; {0, excess} CacheFull (nothing changed)
 _RESERVE = (
     _PRELUDE
     + """
@@ -137,16 +142,16 @@ if excess > 0 then
   victims, excess = choose(excess, skipset(6))
   if excess > 0 then return {0, excess} end
 end
-drop(victims, ARGV[4], ttl)
+local drained = drop(victims, ARGV[4], ttl, size)
 redis.call('HINCRBY', res, ARGV[3], size)
 redis.call('ZADD', exp, now_ms + ttl, ARGV[3])
-local out = {1, 0}
+local out = {1, drained}
 for i = 1, #victims do out[#out + 1] = victims[i] end
 return out
 """
 )
 
-# ARGV: max_size, drain id, ttl ms, skip...  -> {over, 0, digest, size, ...}
+# ARGV: max_size, drain id, ttl ms, skip...  -> {over, drained, digest, size, ...}
 _GC = (
     _PRELUDE
     + """
@@ -154,8 +159,8 @@ local excess = used() - tonumber(ARGV[1])
 if excess <= 0 then return {0, 0} end
 local victims
 victims, excess = choose(excess, skipset(4))
-drop(victims, ARGV[2], tonumber(ARGV[3]))
-local out = {math.max(excess, 0), 0}
+local drained = drop(victims, ARGV[2], tonumber(ARGV[3]), 0)
+local out = {math.max(excess, 0), drained}
 for i = 1, #victims do out[#out + 1] = victims[i] end
 return out
 """
@@ -355,12 +360,12 @@ class RedisLedger:
         kind = "d" if draining else "f"
         return Reservation(f"{kind}:{self._owner}:{next(self._ids)}", 0, draining)
 
-    def _eviction(self, flat: Sequence[Any], draining: Reservation, over: int = 0) -> Eviction:
-        victims = _pairs(flat)
-        draining.size = sum(size for _, size in victims)
+    def _eviction(self, reply: Sequence[Any], draining: Reservation, over: int = 0) -> Eviction:
+        """From a script's {status, drained, digest, size, ...}."""
+        draining.size = int(reply[1])
         if draining.size:
             self._owned[draining.id] = draining
-        return Eviction(victims, draining, over)
+        return Eviction(_pairs(reply[2:]), draining, over)
 
     # -- BlobLedger ------------------------------------------------------------------------
 
@@ -416,7 +421,7 @@ class RedisLedger:
             raise CacheFull(f"no room for {size} bytes: the rest of the cache is in use")
         reservation.size += size
         self._owned[reservation.id] = reservation
-        return reservation, self._eviction(reply[2:], draining)
+        return reservation, self._eviction(reply, draining)
 
     async def release(self, reservation: Reservation) -> None:
         self._owned.pop(reservation.id, None)
@@ -448,7 +453,7 @@ class RedisLedger:
         if gone:
             return Eviction([(digest, int(size))], Reservation("", 0, draining=True))
         self._ensure_worker()
-        return self._eviction([digest, size], draining)
+        return self._eviction([1, size, digest, size], draining)
 
     async def victims_for_gc(self, *, max_size: int, skip: Collection[str] = ()) -> Eviction:
         self._ensure_worker()
@@ -457,7 +462,7 @@ class RedisLedger:
         reply = await self._scripts["gc"](
             keys=self._keys, args=[max_size, draining.id, self._ttl_ms, *skip]
         )
-        return self._eviction(reply[2:], draining, int(reply[0]))
+        return self._eviction(reply, draining, int(reply[0]))
 
     async def usage(self) -> LedgerUsage:
         blobs, total, filling, draining = await self._scripts["usage"](keys=self._keys)
