@@ -18,6 +18,15 @@ What counts against the cap (`LedgerUsage.used`):
   before the fill writes, so a victim and the fill replacing it are never on the storage
   together, and counting both would evict twice.
 
+A store's fill, in order:
+
+    reservation, eviction = await ledger.reserve(expected, max_size=cap, skip=leased|pinned)
+    ...delete the bytes of eviction.victims...; await ledger.release(eviction.draining)
+    ...write (growing: reserve(more, ..., reservation=reservation), same steps)...
+    await ledger.published(digest, size, reservation)   # or release(reservation) on abort
+
+and a hit is `size_of(digest)` then `touched(digest)`.
+
 The reserve decision (fits? which least-recently-used blobs not in `skip` go?) is atomic
 in each implementation: all or nothing, `CacheFull` evicting nothing when the room cannot
 be made. `skip` is the caller's (leased and pinned digests): the ledger does not know
