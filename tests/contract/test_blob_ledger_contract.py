@@ -24,6 +24,7 @@ from proxy.storage.redis_ledger import RedisLedger
 from tests.support.engines import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+EVALS = ("eval", "evalsha", "eval_ro", "evalsha_ro")
 
 Replicas = Callable[..., BlobLedger]
 
@@ -264,7 +265,7 @@ asyncio.run(main())
 async def test_a_dead_replicas_reservation_expires(redis_server: RedisServer) -> None:
     prefix = f"test-{uuid.uuid4().hex}:"
     client = Redis.from_url(redis_server.redis_url)
-    live = RedisLedger(client, key_prefix=prefix, reservation_ttl=1.0)
+    live = RedisLedger(client, key_prefix=prefix, reservation_ttl=1.5)
     dying = await asyncio.create_subprocess_exec(
         *[sys.executable, "-c", _DYING_REPLICA, redis_server.redis_url, prefix],
         cwd=REPO_ROOT,
@@ -284,7 +285,7 @@ async def test_a_dead_replicas_reservation_expires(redis_server: RedisServer) ->
             assert time.monotonic() < deadline, "a dead replica's reservation never expired"
             await asyncio.sleep(0.1)
         # Its own lives on past the TTL: the live replica refreshes it.
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(3.0)
         assert (await live.usage()).filling == 200 and mine.size == 200
         await live.reserve(700, max_size=1000)
         assert (await live.usage()).filling == 900
@@ -315,6 +316,36 @@ async def test_after_redis_restarts_empty_the_ledger_works_again(
         assert (usage.blobs, usage.bytes) == (0, 0)
         await ledger.reserve(100, max_size=100)
         assert (await ledger.usage()).filling == 100
+    finally:
+        await ledger.close()
+        await client.aclose()
+
+
+async def test_hits_touch_redis_in_batches_not_one_call_each(redis_server: RedisServer) -> None:
+    client = Redis.from_url(redis_server.redis_url)
+    ledger = RedisLedger(client, key_prefix=f"test-{uuid.uuid4().hex}:", touch_interval=60)
+
+    async def calls() -> int:
+        """Script calls (every RedisLedger change is one; the commands a script runs
+        inside are counted too, under their own names, so they are left out)."""
+        stats = await client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in EVALS)
+
+    async def everything() -> int:
+        stats = await client.info("commandstats")
+        return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+    try:
+        await holding(ledger, *((f"blob-{n}", 10) for n in range(200)))
+        await ledger.entries()  # scripts loaded, nothing pending
+        before, sent = await calls(), await everything()
+        for n in range(200):
+            ledger.touched(f"blob-{n}")
+        assert await everything() == sent  # nothing sent yet
+        order = [digest for digest, _ in await ledger.entries()]
+        # One call applied the 200 touches (in order), one read the entries.
+        assert await calls() == before + 2
+        assert order == [f"blob-{n}" for n in range(200)]
     finally:
         await ledger.close()
         await client.aclose()
