@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from proxy.errors import DigestInvalid
 from proxy.storage.blobstore import (
@@ -20,6 +21,8 @@ from proxy.storage.blobstore import (
     LocalBlobFiles,
     StorageLocked,
 )
+from proxy.storage.redis_ledger import RedisLedger
+from tests.support.engines import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,6 +221,36 @@ async def test_lru_eviction_holds_the_cap(tmp_path: Path) -> None:
     assert {await store.stat(x) for x in (c, e)} == {1000, 1500}
     assert (await store.stats()).bytes <= 3000
     await store.close()
+
+
+async def test_the_accounting_may_live_in_a_shared_redis_ledger(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    prefix = f"blobstore-{os.getpid()}-{id(tmp_path)}:"
+    client = Redis.from_url(redis_server.redis_url)
+    ledger, other = RedisLedger(client, key_prefix=prefix), RedisLedger(client, key_prefix=prefix)
+    try:
+        store = FilesystemBlobStore(tmp_path, max_size=2500, ledger=ledger)
+        await store.open()
+        a = await put(store, b"a" * 1000)
+        b = await put(store, b"b" * 1000)
+        assert await store.path_for(a) is not None  # a is now more recent than b
+        c = await put(store, b"c" * 1000)
+        assert await store.stat(b) is None and not store.blob_path(b).exists()
+        # Another process's view of the same ledger agrees, nothing reserved or draining.
+        assert await other.entries() == [(a, 1000), (c, 1000)]
+        assert (await other.usage()).used == 2000
+        await store.close()
+        # A restart re-lists the directory into the shared ledger without counting twice.
+        store = FilesystemBlobStore(tmp_path, max_size=2500, ledger=ledger)
+        await store.open()
+        usage = await other.usage()
+        assert (usage.blobs, usage.bytes) == (2, 2000)
+        await store.close()
+    finally:
+        await ledger.close()
+        await other.close()
+        await client.aclose()
 
 
 async def test_never_evicts_leased_or_protected_blobs(tmp_path: Path) -> None:

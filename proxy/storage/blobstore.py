@@ -11,9 +11,12 @@ and the embedded filesystem implementation:
                                      leaves nothing that could be served)
     <root>/.lock                     one gate process per cache directory
 
-Eviction is least-recently-used under a byte cap, over an in-memory index rebuilt from the
-directory at start (order from file mtimes, which reads refresh now and then). A blob with
-a lease (being filled or read) or in the `protected` set (pinned images) is never evicted.
+Eviction is least-recently-used under a byte cap. The accounting (sizes, LRU order,
+reservations, which blobs to evict) is a `BlobLedger` (proxy/storage/ledger.py): by default
+an in-memory one rebuilt from the directory at start (order from file mtimes, which reads
+refresh now and then). This store does the file work: it deletes the victims the ledger
+chose before the fill that evicted them writes. A blob with a lease (being filled or read)
+or in the `protected` set (pinned images) is never evicted by this process.
 
 The cap bounds the blob bytes on disk, not only the published ones: a fill reserves its
 expected size before its first byte is written (more as it goes when the size is not
@@ -34,9 +37,9 @@ import hashlib
 import inspect
 import logging
 import os
+import sys
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +48,8 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from proxy.errors import DigestInvalid
 from proxy.names.references import validate_digest
 from proxy.storage.durable_files import make_durable
+from proxy.storage.ledger import BlobLedger, Eviction, MemoryLedger, Reservation
+from proxy.storage.ledger import CacheFull as CacheFull  # noqa: PLC0414 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +71,6 @@ EvictHook = Callable[[str, int], Awaitable[None] | None]
 
 class StorageLocked(RuntimeError):
     """Another process holds the cache directory (two gates must not share one)."""
-
-
-class CacheFull(Exception):
-    """A fill cannot fit under the cap: what could be evicted is not enough (the rest is
-    leased, pinned or being filled), or (`never`) the blob is larger than the cap itself."""
-
-    def __init__(self, message: str, *, never: bool = False) -> None:
-        super().__init__(message)
-        self.never = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,12 +259,6 @@ class _FdReader:
         await self._fd.close()
 
 
-@dataclass(slots=True)
-class _Entry:
-    size: int
-    persisted: float  # monotonic time the file's mtime was last refreshed
-
-
 class FilesystemBlobStore:
     """`BlobStore` on a local directory (the embedded default), with `LocalBlobFiles`."""
 
@@ -279,6 +269,7 @@ class FilesystemBlobStore:
         *,
         protected: Callable[[], Collection[str]] | None = None,
         on_evict: EvictHook | None = None,
+        ledger: BlobLedger | None = None,
     ) -> None:
         self.root = root
         self.max_size = max_size
@@ -286,14 +277,13 @@ class FilesystemBlobStore:
         self._on_evict = on_evict
         self._blobs = root / "blobs"
         self._tmp = root / "tmp"
-        # Least recently used first.
-        self._index: OrderedDict[str, _Entry] = OrderedDict()
-        self._total = 0
-        # Bytes reserved by fills in progress, and bytes no longer indexed but still on
-        # disk (unlinking, or deleted while leased: the lease holders may have them open).
-        self._filling = 0
-        self._unlinking = 0
-        self._removed_open: dict[str, int] = {}
+        self._ledger: BlobLedger = ledger if ledger is not None else MemoryLedger()
+        # Monotonic time each blob's mtime was last refreshed (absent: when opened).
+        self._persisted: dict[str, float] = {}
+        self._opened_at = time.monotonic()
+        # Draining reservations of blobs deleted while leased: the lease holders may have
+        # them open, so their bytes count until the last lease ends.
+        self._open_drains: dict[str, list[Reservation]] = {}
         self._leases: dict[str, int] = {}
         self._removing: dict[str, asyncio.Event] = {}
         self._gc_lock = asyncio.Lock()
@@ -308,9 +298,15 @@ class FilesystemBlobStore:
         behind; without it (read-only tools such as `cache verify` beside a running
         gate) nothing is locked or removed.
         """
-        await asyncio.to_thread(self._open_sync, exclusive)
+        found, filling = await asyncio.to_thread(self._open_sync, exclusive)
+        self._opened_at = time.monotonic()
+        await self._ledger.seed(found)
+        if filling:
+            # Counted, never evicted for: the running gate owns those fills.
+            await self._ledger.reserve(filling, max_size=sys.maxsize)
 
-    def _open_sync(self, exclusive: bool) -> None:
+    def _open_sync(self, exclusive: bool) -> tuple[list[tuple[str, int, float]], int]:
+        filling = 0
         self._tmp.mkdir(parents=True, exist_ok=True)
         for algorithm in _ALGORITHMS:
             (self._blobs / algorithm).mkdir(parents=True, exist_ok=True)
@@ -328,8 +324,8 @@ class FilesystemBlobStore:
                     leftover.unlink()
         else:
             # Beside a running gate: its fills in progress, as far as written.
-            self._filling = _tree_bytes(self._tmp)
-        found: list[tuple[float, str, int]] = []
+            filling = _tree_bytes(self._tmp)
+        found: list[tuple[str, int, float]] = []
         for algorithm in _ALGORITHMS:
             with os.scandir(self._blobs / algorithm) as entries:
                 for entry in entries:
@@ -337,11 +333,8 @@ class FilesystemBlobStore:
                     if len(name) != _HEX_LENGTH[algorithm] or not _is_hex(name):
                         continue
                     st = entry.stat(follow_symlinks=False)
-                    found.append((st.st_mtime, f"{algorithm}:{name}", st.st_size))
-        found.sort()
-        now = time.monotonic()
-        self._index = OrderedDict((digest, _Entry(size, now)) for _, digest, size in found)
-        self._total = sum(size for _, _, size in found)
+                    found.append((f"{algorithm}:{name}", st.st_size, st.st_mtime))
+        return found, filling
 
     async def close(self) -> None:
         """Release the directory lock (fills in progress are their owners' to abort)."""
@@ -357,25 +350,23 @@ class FilesystemBlobStore:
         return self._blobs / algorithm / hexpart
 
     async def local_path(self, digest: str) -> Path | None:
-        entry = self._index.get(digest)
-        if entry is None:
+        if await self._ledger.size_of(digest) is None:
             return None
-        self._index.move_to_end(digest)
+        self._ledger.touched(digest)
         path = self.blob_path(digest)
         now = time.monotonic()
-        if now - entry.persisted >= ACCESS_PERSIST_INTERVAL:
-            entry.persisted = now
+        if now - self._persisted.get(digest, self._opened_at) >= ACCESS_PERSIST_INTERVAL:
+            self._persisted[digest] = now
             try:
                 await asyncio.to_thread(os.utime, path)
             except FileNotFoundError:
                 # Removed behind the gate's back: forget it rather than serve a 404 later.
-                self._forget(digest)
+                await self._forget_gone(digest)
                 return None
         return path
 
     async def stat(self, digest: str) -> int | None:
-        entry = self._index.get(digest)
-        return None if entry is None else entry.size
+        return await self._ledger.size_of(digest)
 
     async def open_reader(self, digest: str) -> BlobReader | None:
         path = await self.local_path(digest)
@@ -384,7 +375,7 @@ class FilesystemBlobStore:
         try:
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         except FileNotFoundError:
-            self._forget(digest)
+            await self._forget_gone(digest)
             return None
         return _FdReader(fd)
 
@@ -399,65 +390,62 @@ class FilesystemBlobStore:
                 self._leases[digest] = count
             else:
                 del self._leases[digest]
-                # The last holder is gone: a blob deleted under it has left the disk.
-                self._removed_open.pop(digest, None)
-
-    @property
-    def used(self) -> int:
-        """Blob bytes on disk (published, reserved by fills, not yet gone): what the cap
-        bounds."""
-        return self._total + self._filling + self._unlinking + sum(self._removed_open.values())
+                if digest not in self._removing:
+                    # The last holder is gone: a blob deleted under it has left the disk.
+                    await self._release_open_drains(digest)
 
     async def stats(self) -> BlobStats:
+        usage = await self._ledger.usage()
         return BlobStats(
-            len(self._index),
-            self._total,
+            usage.blobs,
+            usage.bytes,
             self.max_size,
             len(self._leases),
-            self._filling,
-            self._unlinking + sum(self._removed_open.values()),
+            usage.filling,
+            usage.draining,
         )
 
     # -- writes --------------------------------------------------------------------------
 
     async def begin_fill(self, digest: str, size: int | None = None) -> BlobWriter:
         algorithm, _, hexpart = validate_digest(digest).partition(":")
-        reserved = size or 0
-        await self._reserve(reserved)
+        reservation = await self._reserve(size or 0)
         try:
             fd, name = await asyncio.to_thread(
                 tempfile.mkstemp, prefix=f"{hexpart[:16]}.", suffix=".part", dir=self._tmp
             )
         except BaseException:
-            self._release(reserved)
+            await self._ledger.release(reservation)
             raise
-        return _FilesystemBlobWriter(self, digest, algorithm, hexpart, fd, Path(name), reserved)
+        return _FilesystemBlobWriter(self, digest, algorithm, hexpart, fd, Path(name), reservation)
 
-    async def _reserve(self, size: int) -> None:
-        """Count `size` more bytes of a fill against the cap, evicting to make room;
-        CacheFull (and nothing evicted) when it cannot fit."""
+    def _skip(self) -> Collection[str]:
+        protected = self._protected() if self._protected else ()
+        return frozenset(self._leases).union(protected)
+
+    async def _reserve(self, size: int, reservation: Reservation | None = None) -> Reservation:
+        """Count `size` more bytes of a fill against the cap (a new reservation, or more
+        of `reservation`), evicting to make room; CacheFull (and nothing evicted) when it
+        cannot fit. The victims are off the disk before this returns, so the fill's
+        writes never take the disk past the cap."""
         if size <= 0:
-            return
-        if size > self.max_size:
-            raise CacheFull(f"{size} bytes exceed the cache cap of {self.max_size}", never=True)
-        if self.used + size <= self.max_size:
-            self._filling += size
-            return
-        await self._evict(incoming=size, reserve=True)
+            return (await self._ledger.reserve(0, max_size=self.max_size))[0]
+        # One evictor at a time in this process: a reservation waits for the unlinking of
+        # the one before, rather than evicting more for bytes that are about to go.
+        async with self._gc_lock:
+            reservation, eviction = await self._ledger.reserve(
+                size, max_size=self.max_size, skip=self._skip(), reservation=reservation
+            )
+            await self._remove(eviction)
+        await self._evicted(eviction.victims)
+        return reservation
 
-    def _release(self, size: int) -> None:
-        self._filling -= size
-
-    def _publish(self, digest: str, size: int, reserved: int) -> None:
-        # Called at once after the rename (no await between): the blob is now visible,
-        # its reservation becomes it.
-        old = self._index.pop(digest, None)
-        if old is not None:
-            # The rename replaced the old file: its bytes left the disk.
-            self._total -= old.size
-        self._index[digest] = _Entry(size, time.monotonic())
-        self._total += size
-        self._filling -= reserved
+    async def _publish(self, digest: str, size: int, reservation: Reservation) -> None:
+        # Called at once after the rename: the blob is now visible, its reservation
+        # becomes it (the rename replaced any old file of the digest: the ledger replaces
+        # its entry too).
+        self._persisted[digest] = time.monotonic()
+        await self._ledger.published(digest, size, reservation)
 
     async def _wait_removal(self, digest: str) -> None:
         # An eviction of this digest may still be unlinking its old file; a rename before
@@ -465,89 +453,75 @@ class FilesystemBlobStore:
         while (event := self._removing.get(digest)) is not None:
             await event.wait()
 
-    def _forget(self, digest: str) -> _Entry | None:
-        entry = self._index.pop(digest, None)
-        if entry is not None:
-            self._total -= entry.size
-        return entry
+    async def _forget_gone(self, digest: str) -> None:
+        self._persisted.pop(digest, None)
+        await self._ledger.forget(digest, gone=True)
 
-    async def _remove(self, victims: list[tuple[str, int]]) -> None:
+    async def _remove(self, eviction: Eviction) -> None:
+        """Unlink what the ledger forgot, then stop counting its bytes (unless a lease
+        holder may still have it open: then when the last lease ends)."""
+        victims = eviction.victims
         events = {digest: asyncio.Event() for digest, _ in victims}
         self._removing.update(events)
-        # Still on disk until unlinked: counted, so no reservation takes the space early.
-        removing = sum(size for _, size in victims)
-        self._unlinking += removing
         try:
+            for digest, _ in victims:
+                self._persisted.pop(digest, None)
             paths = [self.blob_path(digest) for digest, _ in victims]
-            await asyncio.to_thread(_unlink_all, paths)
+            if paths:
+                await asyncio.to_thread(_unlink_all, paths)
         finally:
-            self._unlinking -= removing
             for digest, event in events.items():
                 del self._removing[digest]
                 event.set()
+            open_now = [digest for digest, _ in victims if digest in self._leases]
+            if open_now:
+                self._open_drains.setdefault(open_now[0], []).append(eviction.draining)
+            else:
+                for digest, _ in victims:
+                    await self._release_open_drains(digest)
+                await self._ledger.release(eviction.draining)
 
-    async def delete(self, digest: str) -> bool:
-        entry = self._forget(digest)
-        if entry is None:
-            return False
-        if digest in self._leases:
-            # Unlinked, but a holder may have it open: its bytes stay until the lease ends.
-            self._removed_open[digest] = self._removed_open.get(digest, 0) + entry.size
-        await self._remove([(digest, entry.size)])
-        return True
+    async def _release_open_drains(self, digest: str) -> None:
+        for draining in self._open_drains.pop(digest, ()):
+            await self._ledger.release(draining)
 
-    async def gc(self) -> list[tuple[str, int]]:
-        return await self._evict(incoming=0)
-
-    async def _evict(self, incoming: int, *, reserve: bool = False) -> list[tuple[str, int]]:
-        """Evict least-recently-used blobs until `incoming` more bytes fit under the cap.
-
-        With `reserve`, all or nothing: the bytes are reserved for a fill once room is
-        made, and CacheFull is raised, evicting nothing, when eviction cannot make room.
-        """
-        async with self._gc_lock:
-            excess = self.used + incoming - self.max_size
-            victims: list[tuple[str, int]] = []
-            if excess > 0:
-                protected = frozenset(self._protected()) if self._protected else frozenset()
-                for digest, entry in self._index.items():
-                    if excess <= 0:
-                        break
-                    if digest in self._leases or digest in protected:
-                        continue
-                    victims.append((digest, entry.size))
-                    excess -= entry.size
-                if excess > 0 and reserve:
-                    raise CacheFull(
-                        f"no room for {incoming} bytes: the rest of the cache is in use"
-                    )
-            if reserve:
-                self._filling += incoming
-            for digest, _ in victims:
-                self._forget(digest)
-            if victims:
-                await self._remove(victims)
-            if excess > 0:
-                log.warning(
-                    "blob cache over its cap by %d bytes: the rest is leased or pinned", excess
-                )
+    async def _evicted(self, victims: list[tuple[str, int]]) -> None:
         if self._on_evict is not None:
             for digest, size in victims:
                 result = self._on_evict(digest, size)
                 if inspect.isawaitable(result):
                     await result
-        return victims
+
+    async def delete(self, digest: str) -> bool:
+        eviction = await self._ledger.forget(digest)
+        if eviction is None:
+            return False
+        await self._remove(eviction)
+        return True
+
+    async def gc(self) -> list[tuple[str, int]]:
+        """Evict least-recently-used blobs until under the cap, as far as what is not
+        leased or pinned allows."""
+        async with self._gc_lock:
+            eviction = await self._ledger.victims_for_gc(max_size=self.max_size, skip=self._skip())
+            await self._remove(eviction)
+            if eviction.over > 0:
+                log.warning(
+                    "blob cache over its cap by %d bytes: the rest is leased or pinned",
+                    eviction.over,
+                )
+        await self._evicted(eviction.victims)
+        return eviction.victims
 
     async def verify(self, *, remove: bool = False) -> list[str]:
         bad: list[str] = []
-        for digest in list(self._index):
-            entry = self._index.get(digest)
-            if entry is None:
+        for digest, _ in await self._ledger.entries():
+            if await self._ledger.size_of(digest) is None:
                 continue  # evicted meanwhile
             async with self.lease(digest):
                 ok = await asyncio.to_thread(_file_matches, self.blob_path(digest), digest)
             if ok is None:
-                self._forget(digest)
+                await self._forget_gone(digest)
             elif not ok:
                 bad.append(digest)
                 if remove:
@@ -566,10 +540,10 @@ class _FilesystemBlobWriter:
         hexpart: str,
         fd: int,
         path: Path,
-        reserved: int,
+        reservation: Reservation,
     ) -> None:
         self._store = store
-        self._reserved = reserved
+        self._reservation = reservation
         self._digest = digest
         self._hexpart = hexpart
         self._hash = hashlib.new(algorithm)
@@ -590,11 +564,10 @@ class _FilesystemBlobWriter:
     async def write(self, chunk: bytes) -> None:
         if self._finished:
             raise ValueError("write after commit or abort")
-        beyond = self._written + len(chunk) - self._reserved
+        beyond = self._written + len(chunk) - self._reservation.size
         if beyond > 0:
             # Size unknown (or exceeded): reserve as the bytes come, before writing them.
-            await self._store._reserve(beyond)
-            self._reserved += beyond
+            await self._store._reserve(beyond, self._reservation)
 
         def write(fd: int) -> None:
             view = memoryview(chunk)
@@ -645,7 +618,7 @@ class _FilesystemBlobWriter:
             await self.abort()
             raise
         self._finished = self._committed = True
-        self._store._publish(self._digest, self._written, self._reserved)
+        await self._store._publish(self._digest, self._written, self._reservation)
         await self._fd.close()
 
     async def abort(self) -> None:
@@ -658,7 +631,7 @@ class _FilesystemBlobWriter:
                 await asyncio.to_thread(self._path.unlink)
         finally:
             # After the unlink: until then the bytes are on disk.
-            self._store._release(self._reserved)
+            await self._store._ledger.release(self._reservation)
 
 
 def _unlink_all(paths: list[Path]) -> None:
