@@ -234,7 +234,7 @@ async def test_the_accounting_may_live_in_a_shared_redis_ledger(
         await store.open()
         a = await put(store, b"a" * 1000)
         b = await put(store, b"b" * 1000)
-        assert await store.path_for(a) is not None  # a is now more recent than b
+        assert await store.local_path(a) is not None  # a is now more recent than b
         c = await put(store, b"c" * 1000)
         assert await store.stat(b) is None and not store.blob_path(b).exists()
         # Another process's view of the same ledger agrees, nothing reserved or draining.
