@@ -26,7 +26,7 @@ from typing import TypeVar
 import redis.asyncio as redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
+from redis.asyncio.retry import Retry
 
 from proxy.errors import ServiceUnavailable
 from proxy.settings import RedisSettings
@@ -73,7 +73,11 @@ class RedisState:
 
     @classmethod
     def from_settings(
-        cls, settings: RedisSettings, *, on_error: ErrorObserver | None = None
+        cls,
+        settings: RedisSettings,
+        *,
+        on_error: ErrorObserver | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> RedisState:
         """A client for `settings` (no connection is made until the first call)."""
         client = redis.Redis.from_url(
@@ -87,7 +91,7 @@ class RedisState:
             retry=Retry(NoBackoff(), 1),
             client_name="registry-gate",
         )
-        return cls(client, settings.key_prefix, on_error=on_error)
+        return cls(client, settings.key_prefix, on_error=on_error, breaker=breaker)
 
     def key(self, *parts: str) -> str:
         """A key under this gate's prefix: `<prefix><part>:<part>...`."""
