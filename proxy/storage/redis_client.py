@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.asyncio.retry import Retry
 
 from proxy.errors import ServiceUnavailable
 from proxy.settings import RedisSettings
