@@ -21,7 +21,7 @@ from proxy.settings import Settings
 from proxy.storage.blobstore import FilesystemBlobStore, StorageLocked
 from proxy.storage.cache import pin_store
 from proxy.storage.manifest_cache import FilesystemManifestStore
-from proxy.storage.pins import PinStore, PinStoreError
+from proxy.storage.pins import PinStore, PinStoreError, parse_repository
 from proxy.storage.redis_client import RedisState
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -78,6 +78,31 @@ async def pins_list(settings: Settings) -> int:
         return EXIT_FAILED
     for pin in pins:
         print(json.dumps(pin.to_dict()))
+    return EXIT_OK
+
+
+async def pins_set(settings: Settings, name: str, repository: str) -> int:
+    """Pin (or re-pin) a short name to a fully-qualified repository of a configured
+    upstream; every replica resolves it there from now on."""
+    try:
+        target = parse_repository(repository)
+    except (ValueError, RegistryError) as exc:
+        message = exc.message if isinstance(exc, RegistryError) else str(exc)
+        print(f"registry-gate: {message}")
+        return EXIT_USAGE
+    if target.registry not in {upstream.registry for upstream in settings.upstreams}:
+        print(f"registry-gate: {target.registry} is not a configured upstream")
+        return EXIT_USAGE
+    async with open_pins(settings) as store:
+        try:
+            pin = await store.set(name, target)
+        except ValueError as exc:
+            print(f"registry-gate: {exc}")
+            return EXIT_USAGE
+        except PinStoreError as exc:
+            print(f"registry-gate: {exc.message}")
+            return EXIT_FAILED
+    print(json.dumps(pin.to_dict()))
     return EXIT_OK
 
 

@@ -182,6 +182,14 @@ def test_a_pin_made_through_one_replica_is_what_the_other_resolves(
     assert removed.returncode == 0 and "removed pin team/app" in removed.stdout, removed
     assert digest_of(b, TEAM_APP) == digests[(CORP, TEAM_APP)]
     assert digest_of(a, TEAM_APP) == digests[(CORP, TEAM_APP)]
+    # And a re-pin by hand too.
+    (repinned,) = run_cli(
+        ["policy", "pins", "--config", str(b.config_path), "set", "team/app", f"{HUB}/team/app"]
+    )
+    assert repinned.returncode == 0, repinned
+    assert json.loads(repinned.stdout)["repository"] == f"{HUB}/team/app"
+    assert digest_of(a, TEAM_APP) == digests[(HUB, TEAM_APP)]
+    assert digest_of(b, TEAM_APP) == digests[(HUB, TEAM_APP)]
 
 
 def test_replicas_racing_to_pin_one_name_agree(
