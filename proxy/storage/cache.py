@@ -86,7 +86,9 @@ class Cache:
         tags: TagIndex
         repositories: RepositoryIndex
         if shared is not None:
-            tags, repositories = RedisTagIndex(shared), RedisRepositoryIndex(shared)
+            expire_after = settings.tag_ttl + settings.stale_limit
+            tags = RedisTagIndex(shared, expire_after=expire_after)
+            repositories = RedisRepositoryIndex(shared)
         else:
             database = await IndexDatabase.open(root / "index.sqlite3")
             tags, repositories = SqliteTagIndex(database), SqliteRepositoryIndex(database)

@@ -6,7 +6,8 @@ and a digest one replica confirmed for a repository is held for all. Keys (under
 `redis.key_prefix`):
 
 - `tags:<registry>/<repository>`: hash, tag -> `{"d": digest, "m": media type,
-  "t": fetched_at}` (one hash per repository, so a tag list is one HKEYS);
+  "t": fetched_at}` (one hash per repository, so a tag list is one HKEYS), expiring
+  `tag_ttl + stale_limit` after its last write;
 - `held:<digest>`: set of `<registry>/<repository>` known to hold the digest;
 - `digests:<registry>/<repository>`: set of the digests a repository holds (the reverse
   of `held:`, for protecting a pinned repository's blobs).
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,8 +73,11 @@ class RedisTagIndex:
 
     STORE = "tags"
 
-    def __init__(self, state: RedisState) -> None:
+    def __init__(self, state: RedisState, *, expire_after: float | None = None) -> None:
         self._state = state
+        # Entries older than tag_ttl + stale_limit are never served: a repository whose
+        # tags nobody asked for that long leaves Redis (every put renews its hash).
+        self._expire_after = None if expire_after is None else max(1, math.ceil(expire_after))
 
     def _key(self, repository: Repository) -> str:
         return self._state.key("tags", _repository_key(repository))
@@ -96,10 +101,12 @@ class RedisTagIndex:
             async with self._state.client.pipeline(transaction=True) as pipe:
                 pipe.hget(key, tag)
                 pipe.hset(key, tag, _encode_tag(entry))
+                if self._expire_after is not None:
+                    pipe.expire(key, self._expire_after)
                 return await pipe.execute()
 
         try:
-            previous, _ = await self._state.call(self.STORE, swap)
+            previous = (await self._state.call(self.STORE, swap))[0]
         except SharedStateUnavailable:
             return None  # not shared this time: the next request asks the upstream again
         return _decode_tag(previous)

@@ -235,3 +235,14 @@ async def test_the_breaker_stops_asking_a_dead_redis(own_redis: RedisServer) -> 
         assert errors == ["test"] * 10
     finally:
         await state.close()
+
+
+async def test_a_repositorys_tags_expire_once_they_can_no_longer_be_served(
+    states: Callable[[], RedisState],
+) -> None:
+    state = states()
+    tags = RedisTagIndex(state, expire_after=86460.5)
+    entry = TagEntry(sha(b"m"), "application/vnd.oci.image.manifest.v1+json", 100.0)
+    await tags.put(ALPINE, "latest", entry)
+    assert 86000 < await state.client.ttl(tags._key(ALPINE)) <= 86461
+    assert await RedisTagIndex(state).get(ALPINE, "latest") == entry
