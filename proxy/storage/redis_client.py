@@ -43,6 +43,10 @@ CONNECT_TIMEOUT = 1.0
 # A pooled connection idle this long is PINGed before use (a restarted Redis, a NAT that
 # dropped the flow), so the first call after a quiet spell does not fail.
 HEALTH_CHECK_INTERVAL = 15
+# Connections per process, and how long a call waits for a free one (under a burst; a
+# dead Redis frees them within the timeouts above).
+MAX_CONNECTIONS = 64
+POOL_TIMEOUT = 5.0
 # Consecutive failed calls that stop the gate asking Redis, and for how long (seconds).
 BREAKER_FAILURES = 3
 BREAKER_COOLDOWN = 2.0
@@ -80,8 +84,12 @@ class RedisState:
         breaker: CircuitBreaker | None = None,
     ) -> RedisState:
         """A client for `settings` (no connection is made until the first call)."""
-        client = redis.Redis.from_url(
+        # Blocking: a burst of requests waits for one of the pool's connections instead
+        # of failing ("too many connections") as if Redis were down.
+        pool = redis.BlockingConnectionPool.from_url(
             settings.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_TIMEOUT,
             password=settings.password(),
             socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=CONNECT_TIMEOUT,
@@ -91,6 +99,7 @@ class RedisState:
             retry=Retry(NoBackoff(), 1),
             client_name="registry-gate",
         )
+        client = redis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         return cls(client, settings.key_prefix, on_error=on_error, breaker=breaker)
 
     def key(self, *parts: str) -> str:

@@ -33,6 +33,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from cachetools import TTLCache
 from redis.asyncio.client import Pipeline
 
 from proxy.names.references import Repository, validate_digest
@@ -40,6 +41,9 @@ from proxy.storage.manifest_cache import TagEntry
 from proxy.storage.redis_client import RedisState, SharedStateUnavailable
 
 log = logging.getLogger(__name__)
+
+HELD_MEMORY_ENTRIES = 65536
+HELD_MEMORY_SECONDS = 30.0
 
 
 def _repository_key(repository: Repository) -> str:
@@ -136,8 +140,19 @@ class RedisRepositoryIndex:
 
     STORE = "repositories"
 
-    def __init__(self, state: RedisState) -> None:
+    def __init__(
+        self,
+        state: RedisState,
+        *,
+        memory_entries: int = HELD_MEMORY_ENTRIES,
+        memory_seconds: float = HELD_MEMORY_SECONDS,
+    ) -> None:
         self._state = state
+        # Recent "yes" answers, so a layer pulled again costs no round trip. Only briefly:
+        # another replica's forget (its eviction) is seen here once they expire.
+        self._memory: TTLCache[str, frozenset[Repository]] = TTLCache(
+            memory_entries, memory_seconds
+        )
 
     def _held(self, digest: str) -> str:
         return self._state.key("held", digest)
@@ -164,6 +179,8 @@ class RedisRepositoryIndex:
             await self._state.call(self.STORE, add)
 
     async def holds(self, repository: Repository, digest: str) -> bool:
+        if repository in self._memory.get(digest, frozenset()):
+            return True
         client = self._state.client
         member = _repository_key(repository)
         try:
@@ -172,6 +189,8 @@ class RedisRepositoryIndex:
             )
         except SharedStateUnavailable:
             return False  # not known: the upstream is asked (a HEAD), as on a cold cache
+        if found:
+            self._memory[digest] = self._memory.get(digest, frozenset()) | {repository}
         return bool(found)
 
     async def digests(self, repository: Repository) -> list[str]:
@@ -185,6 +204,7 @@ class RedisRepositoryIndex:
         return sorted(_text(member) for member in members)
 
     async def forget(self, digest: str) -> None:
+        self._memory.pop(digest, None)
         held = self._held(digest)
 
         async def remove(pipe: Pipeline) -> None:
