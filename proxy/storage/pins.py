@@ -7,8 +7,8 @@ the principals `PinCreators` allows (`policy.pin_creators`) create pins, and eac
 records who created it (`Creator`) and when. `PinStore` is the interface the resolver
 uses; `FilePinStore` persists pins as one JSON document under the storage path (written
 atomically: temporary file, fsync, rename, fsync of the directory) and notices edits
-made by another process (the operator command); a Redis store for several replicas will
-implement the same protocol.
+made by another process (the operator command); `proxy.storage.redis_pins` implements
+the same protocol for several replicas, with a store of this module as its archive.
 """
 
 from __future__ import annotations
