@@ -35,8 +35,9 @@ from proxy.policy.gatekeeper import Gatekeeper
 from proxy.policy.holder import PolicyHolder, PolicySources
 from proxy.services import SERVICES, Services
 from proxy.settings import Settings
-from proxy.storage.cache import Cache
-from proxy.storage.pins import FilePinStore, PinCreators
+from proxy.storage.cache import Cache, pin_store
+from proxy.storage.pins import PinCreators
+from proxy.storage.redis_client import RedisState
 from proxy.upstream.api import Registry
 from proxy.upstream.circuit import CircuitBreaker
 from proxy.upstream.client import UpstreamClient
@@ -55,16 +56,21 @@ def build_services(settings: Settings, upstreams: Mapping[str, Registry] | None 
     """
     metrics = Metrics(version=__version__)
     clients = _upstream_clients(settings, metrics) if upstreams is None else upstreams
+    shared = None
+    if settings.redis is not None:
+        errors = metrics.shared_state_errors
+        shared = RedisState.from_settings(
+            settings.redis, on_error=lambda store: errors.labels(store).inc()
+        )
     pull = PullThrough(
         clients,
         metrics=metrics,
         tag_lists=settings.tag_lists,
         revalidate_grace=settings.storage.revalidate_grace,
-        replicas=ReplicaFills.from_settings(settings, metrics),
+        replicas=ReplicaFills.from_settings(settings, metrics, shared),
     )
     audit = AuditLog.from_settings(settings.audit, metrics=metrics)
-    pins_path = settings.policy.pins_path
-    pins = FilePinStore(pins_path) if pins_path else FilePinStore.under(settings.storage.path)
+    pins = pin_store(settings, shared)
     holder = PolicyHolder(
         PolicySources.from_settings(settings),
         pins,
@@ -91,6 +97,7 @@ def build_services(settings: Settings, upstreams: Mapping[str, Registry] | None 
             on_pinned=pull.protect,
         ),
         authenticator=build_authenticator(settings) if settings.auth.mode == "token" else None,
+        shared=shared,
     )
 
 
@@ -154,11 +161,26 @@ async def _upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.close()
 
 
+async def _shared_state_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    shared = app[SERVICES].shared
+    if shared is None:
+        yield
+        return
+    # A Redis that is down at start-up costs efficiency, as it does later: start anyway.
+    if not await shared.ping():
+        log.warning("redis is unreachable at start-up: serving degraded until it answers")
+    yield
+    await shared.close()
+
+
 async def _cache_lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     pull = services.pull
     pull.cache = await Cache.open(
-        services.settings.storage, services.metrics, on_fill_finished=pull.fill_finished
+        services.settings.storage,
+        services.metrics,
+        on_fill_finished=pull.fill_finished,
+        shared=services.shared,
     )
     for pin in await services.holder.pins.list():
         await pull.protect(pin.repository)
@@ -212,6 +234,8 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     app[SERVICES] = services or build_services(settings)
     app[DRAIN] = Drain()
     app.cleanup_ctx.append(_audit_lifecycle)
+    # Shared state first: closed last, after everything that may still write to it.
+    app.cleanup_ctx.append(_shared_state_lifecycle)
     # Before the cache: closed after it, so fills cut by the shutdown release their leases.
     app.cleanup_ctx.append(_replica_fills_lifecycle)
     app.cleanup_ctx.append(_cache_lifecycle)

@@ -28,6 +28,7 @@ from proxy.policy.gatekeeper import Gatekeeper
 from proxy.policy.holder import PolicyHolder
 from proxy.policy.principal import Principal
 from proxy.settings import Settings
+from proxy.storage.redis_client import RedisState
 from proxy.upstream.api import Registry
 
 
@@ -44,6 +45,8 @@ class Services:
     holder: PolicyHolder
     gatekeeper: Gatekeeper
     authenticator: Authenticator | None = None
+    # The Redis connection of the stores kept there (`redis:`); None: all in-process.
+    shared: RedisState | None = None
 
     def may(self, principal: Principal, action: str, name: str) -> bool:
         """Whether policy could allow `action` on the repository a client calls `name`.

@@ -147,6 +147,17 @@ class RedisSettings(_Strict):
     url: str
     password_env: str | None = None
     password_file: Path | None = None
+    key_prefix: str = Field(
+        default="registry-gate:",
+        description="prefix of every key the gate writes (several gates may share a Redis)",
+    )
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _key_prefix(cls, value: str) -> str:
+        if not 1 <= len(value) <= 64 or not value.isprintable() or " " in value:
+            raise ValueError("must be 1 to 64 printable characters without spaces")
+        return value
 
     @field_validator("url")
     @classmethod

@@ -323,3 +323,31 @@ def test_storage_in_use_by_another_gate(tmp_path: Path) -> None:
     ) as first:
         config = _start_up_config(tmp_path, {"storage.path": first.config["storage"]["path"]})
         assert_one_line_config_error(run_cli("serve", "--config", str(config)), "storage.path")
+
+
+def test_pins_set_list_remove(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKERHUB_TOKEN", "test-token")
+    config = str(write(tmp_path, GOOD))
+
+    def pins(*args: str) -> tuple[int, str]:
+        status = main(["policy", "pins", "--config", config, *args])
+        return status, capsys.readouterr().out
+
+    status, out = pins("set", "ubuntu", "registry.corp.example/ubuntu")
+    assert status == 0 and '"repository": "registry.corp.example/ubuntu"' in out
+    status, out = pins("list")
+    assert status == 0 and out.count("\n") == 1 and '"name": "ubuntu"' in out
+    assert pins("set", "ubuntu", "ghcr.io/ubuntu") == (
+        2,
+        "registry-gate: ghcr.io is not a configured upstream\n",
+    )
+    status, out = pins("set", "ubuntu", "ubuntu")
+    assert status == 2 and "not a fully-qualified repository" in out
+    status, out = pins("set", "quay.io/x", "quay.io/x")
+    assert status == 2 and "not a short name" in out
+    assert pins("remove", "ubuntu") == (0, "removed pin ubuntu\n")
+    assert pins("list") == (0, "")
+    with pytest.raises(SystemExit):
+        pins("set", "ubuntu")

@@ -15,13 +15,12 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.content.fill_leases import (
-    KEY_PREFIX,
     FillLeases,
     LeaseOwner,
     LeasesUnavailable,
-    open_redis,
 )
 from proxy.settings import RedisSettings
+from proxy.storage.redis_client import RedisState
 from tests.support.engines import RedisServer
 from tests.support.registries import free_port
 
@@ -34,7 +33,7 @@ def fresh_digest() -> str:
 
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = open_redis(RedisSettings(url=redis_server.redis_url))
+    client = RedisState.from_settings(RedisSettings(url=redis_server.redis_url)).client
     yield client
     await client.aclose()
 
@@ -70,7 +69,7 @@ async def test_the_holder_renews_past_the_lease_duration(redis: Redis) -> None:
         await asyncio.sleep(LEASE * 3)  # three lease periods: only renewals keep it
         async with b.claim(digest) as other:
             assert not other.held and other.owner == a.me
-        ttl = await redis.pttl(KEY_PREFIX + digest)
+        ttl = await redis.pttl("registry-gate:fill:" + digest)
         assert 0 < ttl <= LEASE * 1000
 
 
@@ -78,7 +77,7 @@ async def test_a_dead_holder_loses_the_lease_within_the_bound(redis: Redis) -> N
     a, b = replica(redis, "a"), replica(redis, "b")
     digest = fresh_digest()
     # A replica killed mid-fill: its token is in Redis, nobody renews it.
-    await redis.set(KEY_PREFIX + digest, a.me.token(), px=int(LEASE * 1000))
+    await redis.set("registry-gate:fill:" + digest, a.me.token(), px=int(LEASE * 1000))
     async with b.claim(digest) as other:
         assert not other.held and other.owner == a.me
         assert await b.wait_changed(digest, other.token)
@@ -126,7 +125,7 @@ async def test_a_lost_lease_does_not_stop_the_holder(redis: Redis) -> None:
     async with a.claim(digest) as held:
         assert held.held
         # Redis restarted empty under a running fill: another replica may claim it.
-        await redis.delete(KEY_PREFIX + digest)
+        await redis.delete("registry-gate:fill:" + digest)
         async with b.claim(digest) as other:
             assert other.held
             await asyncio.sleep(LEASE)  # a's renewal finds b's token: it stops, logs

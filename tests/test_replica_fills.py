@@ -20,12 +20,13 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from proxy.auth.replica_auth import HEADER, ReplicaSigner
-from proxy.content.fill_leases import KEY_PREFIX, FillLeases, LeaseOwner, open_redis
+from proxy.content.fill_leases import FillLeases, LeaseOwner
 from proxy.content.replica_fills import ReplicaFills
 from proxy.content.singleflight import UpstreamBlob
 from proxy.errors import UpstreamUnavailable
 from proxy.observability.metrics import Metrics
 from proxy.settings import RedisSettings
+from proxy.storage.redis_client import RedisState
 from tests.support.engines import RedisServer
 from tests.support.registries import free_port
 
@@ -61,7 +62,7 @@ def dead_url() -> str:
 
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = open_redis(RedisSettings(url=redis_server.redis_url))
+    client = RedisState.from_settings(RedisSettings(url=redis_server.redis_url)).client
     yield client
     await client.aclose()
 
@@ -102,9 +103,12 @@ async def test_a_free_lease_is_held_while_filling_and_released(
 ) -> None:
     fills, upstream, digest = await make_fills(redis), Upstream(), fresh_digest()
     async with fills.source(digest, upstream.open)() as blob:
-        assert LeaseOwner.parse(await redis.get(KEY_PREFIX + digest) or b"") == fills.leases.me
+        assert (
+            LeaseOwner.parse(await redis.get("registry-gate:fill:" + digest) or b"")
+            == fills.leases.me
+        )
         assert b"".join([chunk async for chunk in blob.chunks]) == upstream.body
-    assert await redis.get(KEY_PREFIX + digest) is None
+    assert await redis.get("registry-gate:fill:" + digest) is None
     assert upstream.opens == 1 and count(metrics, "upstream") == 1
 
 
@@ -113,7 +117,7 @@ async def test_a_dead_holders_lease_is_taken_over_once_expired(
 ) -> None:
     fills, upstream, digest = await make_fills(redis), Upstream(), fresh_digest()
     dead = LeaseOwner("a", dead_url(), "0")
-    await redis.set(KEY_PREFIX + digest, dead.token(), px=int(LEASE * 1000))
+    await redis.set("registry-gate:fill:" + digest, dead.token(), px=int(LEASE * 1000))
     assert await read(fills, digest, upstream) == upstream.body
     assert upstream.opens == 1
     assert (count(metrics, "upstream"), count(metrics, "unleased")) == (1, 0)
@@ -221,7 +225,7 @@ async def test_a_former_run_of_this_replica_is_not_asked(redis: Redis, metrics: 
         try:
             # Killed and restarted at the same address within the lease: its old token.
             former = LeaseOwner("b", url, "former-run")
-            await redis.set(KEY_PREFIX + digest, former.token(), px=int(LEASE * 1000))
+            await redis.set("registry-gate:fill:" + digest, former.token(), px=int(LEASE * 1000))
             assert await read(fills, digest, upstream) == upstream.body
         finally:
             await fills.close()

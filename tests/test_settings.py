@@ -397,6 +397,16 @@ BAD_UPSTREAM = {"registry": "quay.io", "url": "https://quay.io"}
             "uploads.min_rate_window",
             id="min-rate-window",
         ),
+        pytest.param(
+            with_(MINIMAL, redis={"url": "redis://r:6379/0", "key_prefix": "two words"}),
+            "redis.key_prefix",
+            id="redis-prefix-space",
+        ),
+        pytest.param(
+            with_(MINIMAL, redis={"url": "redis://r:6379/0", "key_prefix": ""}),
+            "redis.key_prefix",
+            id="redis-prefix-empty",
+        ),
     ],
 )
 def test_bad_keys_are_named(tmp_path: Path, doc: dict[str, Any], key: str) -> None:
@@ -743,3 +753,12 @@ def test_token_realm_prefers_auth_realm_then_public_url(tmp_path: Path) -> None:
         with_(_ONE_UPSTREAM, public_url="https://r.example.com", auth={"realm": realm}),
     )
     assert both.token_realm("http", "10.0.0.5:5000") == realm
+
+
+def test_redis_key_prefix(tmp_path: Path) -> None:
+    settings = load(tmp_path, with_(MINIMAL, redis={"url": "redis://redis:6379/0"}))
+    assert settings.redis is not None and settings.redis.key_prefix == "registry-gate:"
+    settings = load(
+        tmp_path, with_(MINIMAL, redis={"url": "redis://redis:6379/0", "key_prefix": "gate/b:"})
+    )
+    assert settings.redis is not None and settings.redis.key_prefix == "gate/b:"

@@ -53,10 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--user")
     explain.add_argument("--group", action="append", default=[])
     explain.add_argument("--json", action="store_true")
-    pins = policy_commands.add_parser("pins", help="list or remove short-name pins")
+    pins = policy_commands.add_parser("pins", help="list, set or remove short-name pins")
     pins.add_argument("--config", type=Path)
-    pins.add_argument("pins_command", choices=["list", "remove"])
-    pins.add_argument("names", nargs="*")
+    pins.add_argument("pins_command", choices=["list", "set", "remove"])
+    pins.add_argument("names", nargs="*", help="remove: NAME...; set: NAME REPOSITORY")
     audit = commands.add_parser("audit", help="audit log tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     audit_verify = audit_commands.add_parser("verify", help="check audit files, oldest first")
@@ -237,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _load(args.config)
         if args.pins_command == "list":
             return asyncio.run(operator_commands.pins_list(settings))
+        if args.pins_command == "set":
+            if len(args.names) != 2:
+                parser.error("policy pins set takes NAME REPOSITORY")
+            return asyncio.run(operator_commands.pins_set(settings, *args.names))
         return asyncio.run(operator_commands.pins_remove(settings, args.names))
     if args.command == "audit":
         return operator_commands.audit_verify(args.files, partial=args.partial)

@@ -8,7 +8,8 @@ beside a running gate.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from proxy.errors import RegistryError
@@ -18,16 +19,23 @@ from proxy.policy.principal import Principal
 from proxy.policy.rules import load_policy
 from proxy.settings import Settings
 from proxy.storage.blobstore import FilesystemBlobStore, StorageLocked
+from proxy.storage.cache import pin_store
 from proxy.storage.manifest_cache import FilesystemManifestStore
-from proxy.storage.pins import FilePinStore
+from proxy.storage.pins import PinStore, PinStoreError, parse_repository
+from proxy.storage.redis_client import RedisState
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def pin_store(settings: Settings) -> FilePinStore:
-    """The pin store the gate of these settings uses."""
-    path = settings.policy.pins_path
-    return FilePinStore(path) if path else FilePinStore.under(settings.storage.path)
+@asynccontextmanager
+async def open_pins(settings: Settings) -> AsyncIterator[PinStore]:
+    """The pin store the gate of these settings uses (Redis, when configured)."""
+    shared = RedisState.from_settings(settings.redis) if settings.redis is not None else None
+    try:
+        yield pin_store(settings, shared)
+    finally:
+        if shared is not None:
+            await shared.close()
 
 
 async def policy_explain(
@@ -47,14 +55,10 @@ async def policy_explain(
     )
     principal = Principal(user, frozenset(groups))
     try:
-        result = await explain(
-            policy,
-            pin_store(settings),
-            principal,
-            action,
-            reference,
-            push_registry=settings.push_registry,
-        )
+        async with open_pins(settings) as pins:
+            result = await explain(
+                policy, pins, principal, action, reference, push_registry=settings.push_registry
+            )
     except (RegistryError, ValueError) as exc:
         message = exc.message if isinstance(exc, RegistryError) else str(exc)
         print(f"registry-gate: {message}")
@@ -66,21 +70,58 @@ async def policy_explain(
 async def pins_list(settings: Settings) -> int:
     """Print every pin, one JSON object a line: name, repository, created, created_by
     (null: unknown, for pins written before creators were recorded)."""
-    for pin in await pin_store(settings).list():
+    try:
+        async with open_pins(settings) as store:
+            pins = await store.list()
+    except PinStoreError as exc:
+        print(f"registry-gate: {exc.message}")
+        return EXIT_FAILED
+    for pin in pins:
         print(json.dumps(pin.to_dict()))
+    return EXIT_OK
+
+
+async def pins_set(settings: Settings, name: str, repository: str) -> int:
+    """Pin (or re-pin) a short name to a fully-qualified repository of a configured
+    upstream; every replica resolves it there from now on."""
+    try:
+        target = parse_repository(repository)
+    except (ValueError, RegistryError) as exc:
+        message = exc.message if isinstance(exc, RegistryError) else str(exc)
+        print(f"registry-gate: {message}")
+        return EXIT_USAGE
+    if target.registry not in {upstream.registry for upstream in settings.upstreams}:
+        print(f"registry-gate: {target.registry} is not a configured upstream")
+        return EXIT_USAGE
+    async with open_pins(settings) as store:
+        try:
+            pin = await store.set(name, target)
+        except ValueError as exc:
+            print(f"registry-gate: {exc}")
+            return EXIT_USAGE
+        except PinStoreError as exc:
+            print(f"registry-gate: {exc.message}")
+            return EXIT_FAILED
+    print(json.dumps(pin.to_dict()))
     return EXIT_OK
 
 
 async def pins_remove(settings: Settings, names: Sequence[str]) -> int:
     """Remove pins; the next pull of the name resolves (and pins) afresh."""
-    store = pin_store(settings)
     status = EXIT_OK
-    for name in names:
-        if await store.remove(name):
-            print(f"removed pin {name}")
-        else:
-            print(f"no pin for {name}")
-            status = EXIT_FAILED
+    async with open_pins(settings) as store:
+        for name in names:
+            try:
+                removed = await store.remove(name)
+            except PinStoreError as exc:
+                print(f"registry-gate: {exc.message}")
+                status = EXIT_FAILED
+                continue
+            if removed:
+                print(f"removed pin {name}")
+            else:
+                print(f"no pin for {name}")
+                status = EXIT_FAILED
     return status
 
 

@@ -1,7 +1,7 @@
 """Fill leases in Redis: which replica fetches a digest from upstream, across replicas.
 
 Owns the Redis side of single-flight across replicas. A replica about to fill a digest
-claims `registry-gate:fill:<digest>` with `SET NX PX` (redis-py's `Lock`, whose Lua
+claims `<redis.key_prefix>fill:<digest>` with `SET NX PX` (redis-py's `Lock`, whose Lua
 scripts renew and release only what the token still holds). The token says who holds
 the lease: the replica's id, the URL other replicas reach it at, and a random nonce (a
 replica restarted under the same id is not its former self). While the fill runs the
@@ -28,30 +28,12 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import LockError, RedisError
-
-from proxy.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "registry-gate:fill:"
 # Redis answers in microseconds; a Redis that takes seconds is as good as down here.
 REDIS_TIMEOUT = 2.0
-
-
-def open_redis(settings: RedisSettings) -> Redis:
-    """A redis-py asyncio client for `settings` (connects on first use), with short
-    timeouts and one retry, so a Redis that is down costs a request little time."""
-    return Redis.from_url(
-        settings.url,
-        password=settings.password(),
-        socket_timeout=REDIS_TIMEOUT,
-        socket_connect_timeout=REDIS_TIMEOUT,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
 
 
 class LeasesUnavailable(Exception):
@@ -97,13 +79,21 @@ class Claim:
 class FillLeases:
     """Claims, renews and releases the fill lease of a digest for this replica."""
 
-    def __init__(self, redis: Redis, replica: str, url: str, duration: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        replica: str,
+        url: str,
+        duration: float,
+        key_prefix: str = "registry-gate:",
+    ) -> None:
+        self._key_prefix = key_prefix + "fill:"
         self._redis = redis
         self.me = LeaseOwner(replica, url, secrets.token_hex(8))
         self.duration = duration
 
     def _key(self, digest: str) -> str:
-        return KEY_PREFIX + digest
+        return self._key_prefix + digest
 
     @contextlib.asynccontextmanager
     async def claim(self, digest: str) -> AsyncIterator[Claim]:

@@ -252,6 +252,11 @@ class PullThrough:
             if cached is not None:
                 self._count("tag", True)
                 return cached if not head else ManifestResult(cached.info, None, "cache")
+            if accepts(entry.media_type, accept):
+                # Fresh (another replica asked upstream lately) but not in this replica's
+                # manifest store: the tag needs no revalidation, only its manifest.
+                self._count("tag", True)
+                return await self._fetch_and_store(repository, entry.digest, accept, head=head)
         # One revalidation per tag at a time, whoever asks: the first request starts it,
         # the others join it (a client that leaves does not cancel it for them).
         revalidation, leader = self._revalidations.start(

@@ -31,14 +31,14 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
-from redis.asyncio import Redis
 
 from proxy.auth.replica_auth import ReplicaSigner
-from proxy.content.fill_leases import FillLeases, LeaseOwner, LeasesUnavailable, open_redis
+from proxy.content.fill_leases import FillLeases, LeaseOwner, LeasesUnavailable
 from proxy.content.singleflight import OpenUpstream, UpstreamBlob
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.observability.metrics import Metrics
 from proxy.settings import Settings
+from proxy.storage.redis_client import RedisState
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ class ReplicaFills:
         metrics: Metrics | None,
         *,
         peer_read_timeout: float,
-        redis: Redis | None = None,
     ) -> None:
         self.leases = leases
         self.signer = signer
@@ -74,22 +73,25 @@ class ReplicaFills:
         )
         self._session: aiohttp.ClientSession | None = None
         self._leases_down_until = 0.0
-        self._redis = redis  # closed with this service
 
     @classmethod
-    def from_settings(cls, settings: Settings, metrics: Metrics | None) -> ReplicaFills | None:
-        """The service for `settings` (None without `redis`: single-flight stays local)."""
-        if settings.redis is None:
+    def from_settings(
+        cls, settings: Settings, metrics: Metrics | None, shared: RedisState | None
+    ) -> ReplicaFills | None:
+        """The service for `settings` (None without `redis`: single-flight stays local);
+        its leases live in the process's one Redis client (`shared`, closed by its owner)."""
+        if shared is None:
             return None
         assert settings.upload_secret is not None  # required with redis (settings)
-        redis = open_redis(settings.redis)
         duration = settings.replica.fill_lease
-        leases = FillLeases(redis, settings.replica.id, settings.peer_url(), duration)
+        leases = FillLeases(
+            shared.client, settings.replica.id, settings.peer_url(), duration, shared.prefix
+        )
         # A live holder sends something at least as often as its upstream does (or fails
         # and cuts the stream); one that is frozen is cut after the same wait plus a lease.
         read = max(u.timeouts.read for u in settings.upstreams) + duration
         signer = ReplicaSigner(settings.upload_secret.encode())
-        return cls(leases, signer, metrics, peer_read_timeout=read, redis=redis)
+        return cls(leases, signer, metrics, peer_read_timeout=read)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -106,8 +108,6 @@ class ReplicaFills:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self._redis is not None:
-            await self._redis.aclose()
 
     def source(self, digest: str, open_upstream: OpenUpstream) -> OpenUpstream:
         """The source of a fill of `digest` on this replica (see the module docstring)."""

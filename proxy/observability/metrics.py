@@ -213,6 +213,14 @@ class Metrics:
             ["state"],
             registry=registry,
         )
+        self.shared_state_errors = Counter(
+            "registry_gate_shared_state_errors_total",
+            "Calls to the shared state (Redis) that failed or were refused while it is "
+            "unreachable, by store (pins, tags, repositories, ...); requests degrade or get "
+            "a 503, see the README's shared state section.",
+            ["store"],
+            registry=registry,
+        )
         self.cache_evictions = Counter(
             "registry_gate_cache_evictions_total",
             "Cache entries evicted to stay under the size limit.",

@@ -2,8 +2,9 @@
 indexes, opened from the storage settings and closed together.
 
 Each part is a small protocol (`BlobStore`, `ManifestStore`, `TagIndex`,
-`RepositoryIndex`); the filesystem/sqlite implementations opened here are the embedded
-default.
+`RepositoryIndex`, `PinStore`); the filesystem/sqlite implementations opened here are the
+embedded default, and with `redis:` configured the tag and repository indexes and the
+pins are the shared ones in Redis (this module is the one place that chooses).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from proxy.content.singleflight import FillCoordinator, FillObserver
 from proxy.names.references import Repository
 from proxy.observability.metrics import Metrics
-from proxy.settings import StorageSettings
+from proxy.settings import Settings, StorageSettings
 from proxy.storage.blobstore import BlobStore, FilesystemBlobStore
 from proxy.storage.manifest_cache import (
     FilesystemManifestStore,
@@ -25,6 +26,18 @@ from proxy.storage.manifest_cache import (
     SqliteTagIndex,
     TagIndex,
 )
+from proxy.storage.pins import FilePinStore, PinStore
+from proxy.storage.redis_client import RedisState
+from proxy.storage.redis_indexes import RedisRepositoryIndex, RedisTagIndex
+from proxy.storage.redis_pins import RedisPinStore
+
+
+def pin_store(settings: Settings, shared: RedisState | None = None) -> PinStore:
+    """The pin store of these settings: the file (`policy.pins_path`, else under the
+    storage path), or Redis written through to that file when `shared` is given."""
+    path = settings.policy.pins_path
+    archive = FilePinStore(path) if path else FilePinStore.under(settings.storage.path)
+    return archive if shared is None else RedisPinStore(shared, archive)
 
 
 @dataclass
@@ -36,7 +49,7 @@ class Cache:
     manifests: ManifestStore
     tags: TagIndex
     repositories: RepositoryIndex
-    database: IndexDatabase
+    database: IndexDatabase | None
     tag_ttl: float
     stale_limit: float
     # Blobs of pinned repositories are never evicted: a pin promises the same image.
@@ -64,12 +77,21 @@ class Cache:
         *,
         exclusive: bool = True,
         on_fill_finished: FillObserver | None = None,
+        shared: RedisState | None = None,
     ) -> Cache:
-        """Open every store under `settings.path`."""
+        """Open every store under `settings.path` (the indexes in Redis when `shared`)."""
         root = settings.path
         root.mkdir(parents=True, exist_ok=True)
-        database = await IndexDatabase.open(root / "index.sqlite3")
-        repositories = SqliteRepositoryIndex(database)
+        database: IndexDatabase | None = None
+        tags: TagIndex
+        repositories: RepositoryIndex
+        if shared is not None:
+            expire_after = settings.tag_ttl + settings.stale_limit
+            tags = RedisTagIndex(shared, expire_after=expire_after)
+            repositories = RedisRepositoryIndex(shared)
+        else:
+            database = await IndexDatabase.open(root / "index.sqlite3")
+            tags, repositories = SqliteTagIndex(database), SqliteRepositoryIndex(database)
 
         async def evicted(digest: str, size: int) -> None:
             # An evicted blob is no longer known to be held: the next request re-checks.
@@ -90,7 +112,7 @@ class Cache:
             blobs=blobs,
             fills=fills,
             manifests=manifests,
-            tags=SqliteTagIndex(database),
+            tags=tags,
             repositories=repositories,
             database=database,
             tag_ttl=settings.tag_ttl,
@@ -102,4 +124,5 @@ class Cache:
         """Finish fills and close every store."""
         await self.fills.close()
         await self.blobs.close()
-        await self.database.close()
+        if self.database is not None:
+            await self.database.close()

@@ -1,7 +1,7 @@
 """What the gate remembers about manifests, tags and repositories between requests.
 
 Owns three small protocols, each with its embedded implementation under the storage path
-(an object store plus Redis can implement the same protocols for several replicas):
+(`proxy.storage.redis_indexes` implements the two indexes in Redis for several replicas):
 
 - `ManifestStore`: manifests by digest (immutable), stored only if the bytes hash to the
   digest and checked again whenever read from disk (`<root>/manifests/<alg>/<hex>`,

@@ -7,8 +7,8 @@ the principals `PinCreators` allows (`policy.pin_creators`) create pins, and eac
 records who created it (`Creator`) and when. `PinStore` is the interface the resolver
 uses; `FilePinStore` persists pins as one JSON document under the storage path (written
 atomically: temporary file, fsync, rename, fsync of the directory) and notices edits
-made by another process (the operator command); a Redis store for several replicas will
-implement the same protocol.
+made by another process (the operator command); `proxy.storage.redis_pins` implements
+the same protocol for several replicas, with a store of this module as its archive.
 """
 
 from __future__ import annotations
@@ -165,6 +165,11 @@ def _now() -> str:
     return datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="seconds")
 
 
+def new_pin(name: str, repository: Repository, creator: Creator | None = None) -> Pin:
+    """A pin created now (the name checked to be a short name)."""
+    return Pin(_check_name(name), repository, _now(), creator)
+
+
 def parse_repository(text: str) -> Repository:
     """Parse the stored `registry/path` form of a pinned repository."""
     registry, slash, path = text.partition("/")
@@ -192,7 +197,7 @@ class MemoryPinStore:
 
     async def set(self, name: str, repository: Repository, creator: Creator | None = None) -> Pin:
         """Pin (or re-pin) a short name."""
-        pin = Pin(_check_name(name), repository, _now(), creator)
+        pin = new_pin(name, repository, creator)
         self._pins[name] = pin
         return pin
 
@@ -223,19 +228,7 @@ def _decode(data: bytes, path: Path) -> dict[str, Pin]:
         entries = document.get("pins")
         if not isinstance(entries, dict):
             raise ValueError("'pins' must be an object")
-        pins: dict[str, Pin] = {}
-        for name, entry in entries.items():
-            if not isinstance(entry, dict):
-                raise ValueError(f"pin {name!r} must be an object")
-            created = entry.get("created")  # absent in early files: unknown
-            creator = entry.get("created_by")
-            pins[name] = Pin(
-                _check_name(name),
-                parse_repository(str(entry["repository"])),
-                str(created) if created else None,
-                None if creator is None else Creator.from_dict(creator),
-            )
-        return pins
+        return {name: pin_from_entry(name, entry) for name, entry in entries.items()}
     except (ValueError, KeyError, RegistryError) as exc:
         reason = exc.message if isinstance(exc, RegistryError) else str(exc)
         # Pins decide where short names resolve: an unreadable store must not silently
@@ -243,7 +236,23 @@ def _decode(data: bytes, path: Path) -> dict[str, Pin]:
         raise PinStoreError(f"pin store {path} is corrupt: {reason}") from exc
 
 
-def _entry(pin: Pin) -> dict[str, Any]:
+def pin_from_entry(name: str, entry: object) -> Pin:
+    """A pin from its stored form (`pin_entry`); ValueError, KeyError or RegistryError
+    when it is not one."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"pin {name!r} must be an object")
+    created = entry.get("created")  # absent in early files: unknown
+    creator = entry.get("created_by")
+    return Pin(
+        _check_name(name),
+        parse_repository(str(entry["repository"])),
+        str(created) if created else None,
+        None if creator is None else Creator.from_dict(creator),
+    )
+
+
+def pin_entry(pin: Pin) -> dict[str, Any]:
+    """The stored form of a pin (without its name, which is the key)."""
     entry: dict[str, Any] = {"repository": str(pin.repository)}
     if pin.created is not None:
         entry["created"] = pin.created
@@ -255,7 +264,7 @@ def _entry(pin: Pin) -> dict[str, Any]:
 def _encode(pins: dict[str, Pin]) -> bytes:
     document = {
         "version": FORMAT_VERSION,
-        "pins": {name: _entry(pin) for name, pin in sorted(pins.items())},
+        "pins": {name: pin_entry(pin) for name, pin in sorted(pins.items())},
     }
     return (json.dumps(document, indent=2) + "\n").encode()
 
@@ -342,7 +351,7 @@ class FilePinStore:
 
     async def set(self, name: str, repository: Repository, creator: Creator | None = None) -> Pin:
         """Pin (or re-pin) a short name."""
-        pin = Pin(_check_name(name), repository, _now(), creator)
+        pin = new_pin(name, repository, creator)
 
         def change(pins: dict[str, Pin]) -> tuple[Pin, bool]:
             pins[name] = pin
@@ -355,7 +364,7 @@ class FilePinStore:
     ) -> tuple[Pin, bool]:
         """Pin a short name unless it is pinned already; the pin in force, and whether
         this call created it."""
-        pin = Pin(_check_name(name), repository, _now(), creator)
+        pin = new_pin(name, repository, creator)
 
         def change(pins: dict[str, Pin]) -> tuple[tuple[Pin, bool], bool]:
             existing = pins.get(name)

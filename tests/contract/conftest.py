@@ -1,0 +1,114 @@
+"""Backends for the store contract suites: every implementation of a store protocol runs
+the same tests (tests/contract/test_*.py).
+
+A backend here is a factory of store objects over one shared backing: the SQLite file,
+the pins file, or one Redis key prefix (unique per test, so tests share the session's
+``redis_server`` without seeing each other). Two objects from one backend are two views
+of the same state: two handles on one database, or two replicas on one Redis.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import RedisSettings
+from proxy.storage.manifest_cache import (
+    IndexDatabase,
+    RepositoryIndex,
+    SqliteRepositoryIndex,
+    SqliteTagIndex,
+    TagIndex,
+)
+from proxy.storage.pins import FilePinStore, MemoryPinStore, PinStore
+from proxy.storage.redis_client import BREAKER_FAILURES, RedisState
+from proxy.storage.redis_indexes import RedisRepositoryIndex, RedisTagIndex
+from proxy.storage.redis_pins import RedisPinStore
+from proxy.upstream.circuit import CircuitBreaker
+from tests.support.engines import RedisServer
+
+
+def redis_state(
+    url: str,
+    prefix: str,
+    *,
+    cooldown: float = 0.0,
+    on_error: Callable[[str], None] | None = None,
+) -> RedisState:
+    """A client as the gate opens one (short timeouts, one retry) on a test's prefix; its
+    breaker opens as the gate's does, but tries again at once by default (``cooldown``),
+    so a test sees a restarted Redis without waiting."""
+    return RedisState.from_settings(
+        RedisSettings(url=url, key_prefix=prefix),
+        breaker=CircuitBreaker(BREAKER_FAILURES, cooldown),
+        on_error=on_error,
+    )
+
+
+def unique_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+async def states(redis_server: RedisServer) -> AsyncIterator[Callable[[], RedisState]]:
+    """``states()`` -> another client (replica) on this test's own key prefix."""
+    prefix = unique_prefix()
+    opened: list[RedisState] = []
+
+    def make() -> RedisState:
+        state = redis_state(redis_server.redis_url, prefix)
+        opened.append(state)
+        return state
+
+    yield make
+    for state in opened:
+        await state.close()
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[IndexDatabase]:
+    db = await IndexDatabase.open(tmp_path / "index.sqlite3")
+    yield db
+    await db.close()
+
+
+TagIndexes = Callable[[], TagIndex]
+RepositoryIndexes = Callable[[], RepositoryIndex]
+PinStores = Callable[[], PinStore]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def tag_indexes(request: pytest.FixtureRequest, tmp_path: Path) -> TagIndexes:
+    """``tag_indexes()`` -> another TagIndex on this test's one backing."""
+    if request.param == "sqlite":
+        db: IndexDatabase = request.getfixturevalue("database")
+        return lambda: SqliteTagIndex(db)
+    make: Callable[[], RedisState] = request.getfixturevalue("states")
+    return lambda: RedisTagIndex(make())
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def repository_indexes(request: pytest.FixtureRequest) -> RepositoryIndexes:
+    """``repository_indexes()`` -> another RepositoryIndex on this test's one backing."""
+    if request.param == "sqlite":
+        db: IndexDatabase = request.getfixturevalue("database")
+        return lambda: SqliteRepositoryIndex(db)
+    make: Callable[[], RedisState] = request.getfixturevalue("states")
+    return lambda: RedisRepositoryIndex(make())
+
+
+@pytest.fixture(params=["memory", "file", "redis"])
+def pin_stores(request: pytest.FixtureRequest, tmp_path: Path) -> PinStores:
+    """``pin_stores()`` -> another PinStore on this test's one backing (Redis: written
+    through to one pins file, the archive)."""
+    if request.param == "memory":
+        memory = MemoryPinStore()
+        return lambda: memory
+    path = tmp_path / "pins.json"
+    if request.param == "file":
+        return lambda: FilePinStore(path)
+    make: Callable[[], RedisState] = request.getfixturevalue("states")
+    return lambda: RedisPinStore(make(), FilePinStore(path))
