@@ -26,6 +26,9 @@ from tests.support.registries import free_port
 
 LEASE = 0.6
 
+# Where a lease of the default key prefix lives.
+LEASE_KEY = "registry-gate:fill:"
+
 
 def fresh_digest() -> str:
     return "sha256:" + os.urandom(32).hex()
@@ -69,7 +72,7 @@ async def test_the_holder_renews_past_the_lease_duration(redis: Redis) -> None:
         await asyncio.sleep(LEASE * 3)  # three lease periods: only renewals keep it
         async with b.claim(digest) as other:
             assert not other.held and other.owner == a.me
-        ttl = await redis.pttl("registry-gate:fill:" + digest)
+        ttl = await redis.pttl(LEASE_KEY + digest)
         assert 0 < ttl <= LEASE * 1000
 
 
@@ -77,7 +80,7 @@ async def test_a_dead_holder_loses_the_lease_within_the_bound(redis: Redis) -> N
     a, b = replica(redis, "a"), replica(redis, "b")
     digest = fresh_digest()
     # A replica killed mid-fill: its token is in Redis, nobody renews it.
-    await redis.set("registry-gate:fill:" + digest, a.me.token(), px=int(LEASE * 1000))
+    await redis.set(LEASE_KEY + digest, a.me.token(), px=int(LEASE * 1000))
     async with b.claim(digest) as other:
         assert not other.held and other.owner == a.me
         assert await b.wait_changed(digest, other.token)
@@ -125,7 +128,7 @@ async def test_a_lost_lease_does_not_stop_the_holder(redis: Redis) -> None:
     async with a.claim(digest) as held:
         assert held.held
         # Redis restarted empty under a running fill: another replica may claim it.
-        await redis.delete("registry-gate:fill:" + digest)
+        await redis.delete(LEASE_KEY + digest)
         async with b.claim(digest) as other:
             assert other.held
             await asyncio.sleep(LEASE)  # a's renewal finds b's token: it stops, logs
@@ -144,7 +147,9 @@ async def test_tokens_from_elsewhere_name_no_owner() -> None:
 
 
 async def test_redis_down_is_leases_unavailable() -> None:
-    client = open_redis(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"))
+    client = RedisState.from_settings(
+        RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0")
+    ).client
     try:
         leases = replica(client, "a")
         with pytest.raises(LeasesUnavailable):

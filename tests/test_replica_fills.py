@@ -34,6 +34,9 @@ LEASE = 0.5
 SECRET = b"shared"
 SOURCES = "registry_gate_replica_fill_sources_total"
 
+# Where a lease of the default key prefix lives.
+LEASE_KEY = "registry-gate:fill:"
+
 
 def fresh_digest() -> str:
     return "sha256:" + os.urandom(32).hex()
@@ -103,12 +106,9 @@ async def test_a_free_lease_is_held_while_filling_and_released(
 ) -> None:
     fills, upstream, digest = await make_fills(redis), Upstream(), fresh_digest()
     async with fills.source(digest, upstream.open)() as blob:
-        assert (
-            LeaseOwner.parse(await redis.get("registry-gate:fill:" + digest) or b"")
-            == fills.leases.me
-        )
+        assert LeaseOwner.parse(await redis.get(LEASE_KEY + digest) or b"") == fills.leases.me
         assert b"".join([chunk async for chunk in blob.chunks]) == upstream.body
-    assert await redis.get("registry-gate:fill:" + digest) is None
+    assert await redis.get(LEASE_KEY + digest) is None
     assert upstream.opens == 1 and count(metrics, "upstream") == 1
 
 
@@ -117,7 +117,7 @@ async def test_a_dead_holders_lease_is_taken_over_once_expired(
 ) -> None:
     fills, upstream, digest = await make_fills(redis), Upstream(), fresh_digest()
     dead = LeaseOwner("a", dead_url(), "0")
-    await redis.set("registry-gate:fill:" + digest, dead.token(), px=int(LEASE * 1000))
+    await redis.set(LEASE_KEY + digest, dead.token(), px=int(LEASE * 1000))
     assert await read(fills, digest, upstream) == upstream.body
     assert upstream.opens == 1
     assert (count(metrics, "upstream"), count(metrics, "unleased")) == (1, 0)
@@ -187,7 +187,7 @@ async def test_redis_down_fetches_unleased_and_skips_redis_for_a_while(
     metrics: Metrics,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    down = open_redis(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"))
+    down = RedisState.from_settings(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0")).client
     try:
         fills, upstream = await make_fills(down), Upstream()
         asked: list[str] = []
@@ -225,7 +225,7 @@ async def test_a_former_run_of_this_replica_is_not_asked(redis: Redis, metrics: 
         try:
             # Killed and restarted at the same address within the lease: its old token.
             former = LeaseOwner("b", url, "former-run")
-            await redis.set("registry-gate:fill:" + digest, former.token(), px=int(LEASE * 1000))
+            await redis.set(LEASE_KEY + digest, former.token(), px=int(LEASE * 1000))
             assert await read(fills, digest, upstream) == upstream.body
         finally:
             await fills.close()
