@@ -756,9 +756,10 @@ def test_token_realm_prefers_auth_realm_then_public_url(tmp_path: Path) -> None:
 
 
 def test_redis_key_prefix(tmp_path: Path) -> None:
-    settings = load(tmp_path, with_(MINIMAL, redis={"url": "redis://redis:6379/0"}))
+    shared = with_(MINIMAL, upload_secret="s" * 32)
+    settings = load(tmp_path, with_(shared, redis={"url": "redis://redis:6379/0"}))
     assert settings.redis is not None and settings.redis.key_prefix == "registry-gate:"
     settings = load(
-        tmp_path, with_(MINIMAL, redis={"url": "redis://redis:6379/0", "key_prefix": "gate/b:"})
+        tmp_path, with_(shared, redis={"url": "redis://redis:6379/0", "key_prefix": "gate/b:"})
     )
     assert settings.redis is not None and settings.redis.key_prefix == "gate/b:"

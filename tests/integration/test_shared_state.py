@@ -101,6 +101,7 @@ def replicas(
             "upstreams": upstream_table,
             "policy": {"pin_creators": "anyone", "pins_path": str(archive)},
             "redis": {"url": live_redis.redis_url, "key_prefix": prefix},
+            "upload_secret": "shared-state-test-secret-" + prefix,
             "storage": {"tag_ttl": 600},
         }
         policy = {**policy_document(search), "short_name_mode": "permissive"}
