@@ -190,7 +190,7 @@ async def _blob(
         if blob.length is not None:
             response.content_length = blob.length
         await response.prepare(request)
-        served = services.metrics.served_bytes.labels("upstream")
+        served = services.metrics.served_bytes.labels("cache" if blob.cached else "upstream")
         try:
             async for chunk in blob:
                 await response.write(chunk)

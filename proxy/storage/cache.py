@@ -2,20 +2,23 @@
 indexes, opened from the storage settings and closed together.
 
 Each part is a small protocol (`BlobStore`, `ManifestStore`, `TagIndex`,
-`RepositoryIndex`); the filesystem/sqlite implementations opened here are the embedded
-default.
+`RepositoryIndex`). `storage.backend` chooses the content stores here and only here (the
+gate and the `cache` commands both open the cache through `Cache.open`): `filesystem`
+(the embedded default) or `s3` (blobs and manifests in an object store). The indexes
+are sqlite under `storage.path` either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from proxy.content.singleflight import FillCoordinator, FillObserver
 from proxy.names.references import Repository
 from proxy.observability.metrics import Metrics
 from proxy.settings import StorageSettings
-from proxy.storage.blobstore import BlobStore, FilesystemBlobStore
+from proxy.storage.blobstore import BlobStore, EvictHook, FilesystemBlobStore
 from proxy.storage.manifest_cache import (
     FilesystemManifestStore,
     IndexDatabase,
@@ -25,6 +28,8 @@ from proxy.storage.manifest_cache import (
     SqliteTagIndex,
     TagIndex,
 )
+from proxy.storage.s3 import S3BlobStore, S3ManifestStore
+from proxy.storage.s3_client import open_bucket
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Cache:
     # Blobs of pinned repositories are never evicted: a pin promises the same image.
     pinned: set[Repository] = field(default_factory=set)
     protected: set[str] = field(default_factory=set)
+    # What the stores share and is closed after them (the object store's client).
+    resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     async def protect(self, repository: Repository) -> None:
         """Keep every digest `repository` holds (now and later) out of eviction."""
@@ -78,12 +85,15 @@ class Cache:
                 metrics.cache_evictions.inc()
 
         protected: set[str] = set()
-        blobs = FilesystemBlobStore(
-            root, settings.max_size, on_evict=evicted, protected=lambda: protected
-        )
-        await blobs.open(exclusive=exclusive)
-        manifests = FilesystemManifestStore(root)
-        await manifests.open()
+        resources = contextlib.AsyncExitStack()
+        try:
+            blobs, manifests = await _content_stores(
+                settings, resources, evicted, lambda: protected, exclusive=exclusive
+            )
+        except BaseException:
+            await resources.aclose()
+            await database.close()
+            raise
 
         fills = FillCoordinator(blobs, on_fill_finished=on_fill_finished)
         return cls(
@@ -96,10 +106,45 @@ class Cache:
             tag_ttl=settings.tag_ttl,
             stale_limit=settings.stale_limit,
             protected=protected,
+            resources=resources,
         )
 
     async def close(self) -> None:
         """Finish fills and close every store."""
         await self.fills.close()
         await self.blobs.close()
+        await self.resources.aclose()
         await self.database.close()
+
+
+async def _content_stores(
+    settings: StorageSettings,
+    resources: contextlib.AsyncExitStack,
+    on_evict: EvictHook,
+    protected: Callable[[], Collection[str]],
+    *,
+    exclusive: bool,
+) -> tuple[BlobStore, ManifestStore]:
+    """The blob and manifest stores `storage.backend` names, opened."""
+    blobs: FilesystemBlobStore | S3BlobStore
+    manifests: FilesystemManifestStore | S3ManifestStore
+    if settings.backend == "s3":
+        assert settings.s3 is not None  # the settings refuse s3 without it
+        bucket = await resources.enter_async_context(open_bucket(settings.s3))
+        # Fills in progress are spooled locally for their readers.
+        blobs = S3BlobStore(
+            bucket,
+            settings.path / "s3-spool",
+            settings.max_size,
+            on_evict=on_evict,
+            protected=protected,
+        )
+        manifests = S3ManifestStore(bucket)
+    else:
+        blobs = FilesystemBlobStore(
+            settings.path, settings.max_size, on_evict=on_evict, protected=protected
+        )
+        manifests = FilesystemManifestStore(settings.path)
+    await blobs.open(exclusive=exclusive)
+    await manifests.open()
+    return blobs, manifests

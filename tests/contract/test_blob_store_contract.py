@@ -170,9 +170,7 @@ async def test_eviction_under_the_cap_honours_leases_and_protected(backend: Back
     async def on_evict(digest: str, size: int) -> None:
         evicted.append((digest, size))
 
-    store = await backend.blobs(
-        max_size=3_500, protected=lambda: protected, on_evict=on_evict
-    )
+    store = await backend.blobs(max_size=3_500, protected=lambda: protected, on_evict=on_evict)
     a, b, c = [await put(store, bytes([n]) * 1000) for n in range(3)]  # oldest first
     protected.add(a)
     async with store.lease(b):
