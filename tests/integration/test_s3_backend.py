@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from proxy.storage.s3 import BLOBS, MANIFESTS, PART_SIZE
 from proxy.storage.s3_client import open_bucket
@@ -35,6 +36,7 @@ from tests.integration.test_cache import (
     upstream_table,
     wait_for,
 )
+from tests.support.cli import run_cli
 from tests.support.engines import SeaweedS3
 from tests.support.fault_proxy import FaultProxy, LoopThread
 from tests.support.gate import GateFactory, GateProcess, GateStartError
@@ -170,8 +172,12 @@ def test_a_second_gate_on_the_same_bucket_serves_without_upstream_gets(
     assert done.returncode == 0 and "0 corrupt entries" in done.stdout, done.stdout
 
 
-def test_a_missing_bucket_is_a_start_up_error_naming_it(
-    tmp_path: Path, seaweed_s3: SeaweedS3, origin_proxy: FaultProxy
+def test_a_missing_bucket_or_wrong_key_is_a_start_up_error_naming_it(
+    tmp_path: Path,
+    seaweed_s3: SeaweedS3,
+    origin_proxy: FaultProxy,
+    s3_keys: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     storage = {
         "backend": "s3",
@@ -189,3 +195,20 @@ def test_a_missing_bucket_is_a_start_up_error_naming_it(
     assert gate.returncode == 2
     assert "storage.s3.bucket" in str(excinfo.value), excinfo.value
     assert "'no-such-bucket' does not exist" in gate.log_text()
+
+    # check-config asks the object store too; a wrong secret key is named as such.
+    wrong = tmp_path / "wrong.yaml"
+    config = yaml.safe_load(gate.config_path.read_text())
+    config["storage"]["s3"] = s3_settings(seaweed_s3.endpoint, BUCKET).model_dump(
+        mode="json", exclude_none=True
+    ) | {"secret_key_env": "GATE_TEST_WRONG_SECRET"}
+    wrong.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("GATE_TEST_WRONG_SECRET", "not-the-secret")
+    missing, refused = run_cli(
+        ["check-config", "--config", str(gate.config_path)],
+        ["check-config", "--config", str(wrong)],
+    )
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert "storage.s3.bucket: bucket 'no-such-bucket' does not exist" in missing.stderr
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "check the access and secret keys" in refused.stderr, refused.stderr
