@@ -4,9 +4,11 @@ honouring leases and pins, corruption found, a restart sees what was published."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
+import aiohttp
 import pytest
 
 from proxy.errors import DigestInvalid
@@ -271,3 +273,23 @@ async def test_a_crash_mid_fill_leaves_no_object_and_the_sweep_aborts_the_upload
     assert await backend.uploads() == []
     assert await backend.blob_objects() == []
     assert await backend.leftovers() == 0
+
+
+async def test_redirect_url_is_a_working_presigned_get_only_when_enabled(
+    s3_backend: S3Backend,
+) -> None:
+    store = await s3_backend.blobs()
+    data = os.urandom(100_000)
+    digest = await put(store, data)
+    assert await store.redirect_url(digest) is None  # storage.s3.redirect is off
+    store.bucket = dataclasses.replace(store.bucket, redirect=True)
+    assert await store.redirect_url(sha(b"not cached")) is None
+    url = await store.redirect_url(digest)
+    assert url is not None
+    async with aiohttp.ClientSession() as session:
+        # No credentials of ours go with it: the signature in the URL is the access.
+        async with session.get(url) as response:
+            assert response.status == 200
+            assert await response.read() == data
+        async with session.get(url.replace("Signature=", "Signature=0")) as response:
+            assert response.status == 403
