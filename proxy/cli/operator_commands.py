@@ -1,8 +1,9 @@
 """The operator commands behind the CLI: policy explain and pins, audit verify, cache care.
 
-Each returns an exit status and prints its result; none starts the server. `cache gc`
-needs the gate stopped (it takes the store's lock); `cache stats` and `cache verify` run
-beside a running gate.
+Each returns an exit status and prints its result; none starts the server. The `cache`
+commands open the cache the way the gate does (`Cache.open`, whatever `storage.backend`
+is). `cache gc` needs the gate stopped (it takes the store's lock); `cache stats` and
+`cache verify` run beside a running gate.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from proxy.observability.audit import format_verify_result, verify
 from proxy.policy.explain import explain, format_explanation
 from proxy.policy.principal import Principal
 from proxy.policy.rules import load_policy
-from proxy.settings import Settings
-from proxy.storage.blobstore import FilesystemBlobStore, StorageLocked
-from proxy.storage.cache import pin_store
-from proxy.storage.manifest_cache import FilesystemManifestStore
+from proxy.settings import ConfigError, Settings
+from proxy.storage.blobstore import StorageLocked
+from proxy.storage.cache import Cache, pin_store
 from proxy.storage.pins import PinStore, PinStoreError, parse_repository
 from proxy.storage.redis_client import RedisState
 
@@ -135,22 +135,26 @@ def audit_verify(paths: Sequence[Path], *, partial: bool) -> int:
 async def cache_command(settings: Settings, command: str, *, remove: bool) -> int:
     """`cache stats|verify|gc`."""
     storage = settings.storage
-    blobs = FilesystemBlobStore(storage.path, storage.max_size)
     try:
-        await blobs.open(exclusive=command == "gc")
+        cache = await Cache.open(storage, None, exclusive=command == "gc")
     except StorageLocked:
         print("registry-gate: the cache is in use by a running gate; stop it for `cache gc`")
         return EXIT_FAILED
-    manifests = FilesystemManifestStore(storage.path)
-    await manifests.open()
+    except ConfigError as exc:
+        print(f"registry-gate: {exc}")
+        return EXIT_FAILED
+    blobs, manifests = cache.blobs, cache.manifests
     try:
         if command == "stats":
             blob_stats = await blobs.stats()
             manifest_stats = await manifests.stats()
+            where: dict[str, str] = {"backend": storage.backend, "path": str(storage.path)}
+            if storage.s3 is not None:
+                where |= {"bucket": storage.s3.bucket, "prefix": storage.s3.prefix}
             print(
                 json.dumps(
                     {
-                        "path": str(storage.path),
+                        **where,
                         "blobs": blob_stats.count,
                         "blob_bytes": blob_stats.bytes,
                         # Fills of the running gate so far (its reservations and blobs
@@ -175,4 +179,4 @@ async def cache_command(settings: Settings, command: str, *, remove: bool) -> in
         print(f"evicted {len(evicted)} blobs, {sum(size for _, size in evicted)} bytes")
         return EXIT_OK
     finally:
-        await blobs.close()
+        await cache.close()

@@ -3,20 +3,23 @@
 `check-config` and `serve` both run these, so a configuration `check-config` calls ok
 does not then fail at start-up on a folder the gate cannot write or a key it cannot
 read. Every problem is a `ConfigError` naming the setting. The checks try the real
-operation (create a temporary file, load the key, bind the address) instead of asking
+operation (create a temporary file, load the key, bind the address, ask the object
+store for the bucket) instead of asking
 permission bits, which lie for root and read-only mounts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import ssl
 import tempfile
 from pathlib import Path
 
-from proxy.settings import ConfigError, Settings, host_port
+from proxy.settings import ConfigError, S3Settings, Settings, host_port
 from proxy.storage.pins import PINS_FILE_NAME
+from proxy.storage.s3_client import open_bucket
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -108,10 +111,23 @@ def preflight(settings: Settings, *, listen: bool = False) -> None:
         check_writable_file("audit.path", settings.audit.path)
     tls_context(settings)
     _check_upstream_ca_files(settings)
+    if settings.storage.s3 is not None:
+        check_bucket(settings.storage.s3)
     if listen:
         check_listen("listen", settings.listen)
         if settings.metrics.enabled and settings.metrics.listen:
             check_listen("metrics.listen", settings.metrics.listen)
+
+
+def check_bucket(s3: S3Settings) -> None:
+    """The object store answers and the bucket exists for these keys (outside any event
+    loop: `serve` and `check-config` run this before theirs)."""
+
+    async def check() -> None:
+        async with open_bucket(s3, check=True):
+            pass
+
+    asyncio.run(check())
 
 
 def setting_named_in(settings: Settings, text: str) -> str | None:

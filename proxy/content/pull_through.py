@@ -217,6 +217,11 @@ class PullThrough:
     ) -> ManifestResult:
         if is_digest(reference):
             cached = await self._cached_manifest(repository, reference, accept)
+            if cached is None and await self.cache.manifests.get(reference) is not None:
+                # Stored (by another repository, or another replica sharing the store)
+                # but not known to be held here: a HEAD upstream confirms it, no GET.
+                await self._fetch_manifest(repository, reference, accept, head=True)
+                cached = await self._cached_manifest(repository, reference, accept, held=True)
             if cached is not None:
                 self._count("manifest", True)
                 return cached if not head else ManifestResult(cached.info, None, "cache")
@@ -227,10 +232,12 @@ class PullThrough:
         return await self._manifest_by_tag(repository, reference, accept, head=head)
 
     async def _cached_manifest(
-        self, repository: Repository, digest: str, accept: Sequence[str]
+        self, repository: Repository, digest: str, accept: Sequence[str], *, held: bool = False
     ) -> ManifestResult | None:
-        # Served for this repository only when it is known to hold the manifest.
-        if not await self.cache.repositories.holds(repository, digest):
+        """The stored manifest, served for this repository only when it is known to hold
+        it; `held`: its upstream has just said so (then recorded, with what it references,
+        as a GET of it would have)."""
+        if not held and not await self.cache.repositories.holds(repository, digest):
             return None
         cached = await self.cache.manifests.get(digest)
         if cached is None or not accepts(cached.media_type, accept):
@@ -240,6 +247,8 @@ class PullThrough:
             # The store verified the bytes against the digest; parsing them once is enough.
             info = inspect_manifest(cached.body, cached.media_type, digest, "cache")
             self._inspected[digest] = info
+        if held and not await self.cache.repositories.holds(repository, digest):
+            await self.cache.record(repository, (digest, *info.blobs, *info.children))
         return ManifestResult(info, cached.body, "cache")
 
     async def _manifest_by_tag(
@@ -284,7 +293,9 @@ class PullThrough:
                     )
             raise
         digest = probe.info.digest
-        cached = await self._cached_manifest(repository, digest, accept)
+        # Upstream has just said this repository's tag is `digest`: a stored copy (from
+        # another repository or replica) serves without a GET.
+        cached = await self._cached_manifest(repository, digest, accept, held=True)
         if cached is not None:
             return cached if not head else ManifestResult(cached.info, None, "cache")
         if head and probe.body is None:

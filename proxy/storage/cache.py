@@ -2,21 +2,25 @@
 indexes, opened from the storage settings and closed together.
 
 Each part is a small protocol (`BlobStore`, `ManifestStore`, `TagIndex`,
-`RepositoryIndex`, `PinStore`); the filesystem/sqlite implementations opened here are the
-embedded default, and with `redis:` configured the tag and repository indexes and the
-pins are the shared ones in Redis (this module is the one place that chooses).
+`RepositoryIndex`, `PinStore`). This module is the one place that chooses them (the
+gate and the `cache` commands both open the cache through `Cache.open`):
+`storage.backend` names the content stores, `filesystem` (the embedded default) or `s3`
+(blobs and manifests in an object store); with `redis:` configured the tag and
+repository indexes, the pins and the blob accounting are the shared ones in Redis,
+otherwise sqlite under `storage.path` and in-process accounting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from proxy.content.singleflight import FillCoordinator, FillObserver
 from proxy.names.references import Repository
 from proxy.observability.metrics import Metrics
 from proxy.settings import Settings, StorageSettings
-from proxy.storage.blobstore import BlobStore, FilesystemBlobStore
+from proxy.storage.blobstore import BlobStore, EvictHook, FilesystemBlobStore
 from proxy.storage.manifest_cache import (
     FilesystemManifestStore,
     IndexDatabase,
@@ -30,6 +34,8 @@ from proxy.storage.pins import FilePinStore, PinStore
 from proxy.storage.redis_client import RedisState
 from proxy.storage.redis_indexes import RedisRepositoryIndex, RedisTagIndex
 from proxy.storage.redis_pins import RedisPinStore
+from proxy.storage.s3 import S3BlobStore, S3ManifestStore
+from proxy.storage.s3_client import open_bucket
 
 
 def pin_store(settings: Settings, shared: RedisState | None = None) -> PinStore:
@@ -55,6 +61,8 @@ class Cache:
     # Blobs of pinned repositories are never evicted: a pin promises the same image.
     pinned: set[Repository] = field(default_factory=set)
     protected: set[str] = field(default_factory=set)
+    # What the stores share and is closed after them (the object store's client).
+    resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     async def protect(self, repository: Repository) -> None:
         """Keep every digest `repository` holds (now and later) out of eviction."""
@@ -100,12 +108,16 @@ class Cache:
                 metrics.cache_evictions.inc()
 
         protected: set[str] = set()
-        blobs = FilesystemBlobStore(
-            root, settings.max_size, on_evict=evicted, protected=lambda: protected
-        )
-        await blobs.open(exclusive=exclusive)
-        manifests = FilesystemManifestStore(root)
-        await manifests.open()
+        resources = contextlib.AsyncExitStack()
+        try:
+            blobs, manifests = await _content_stores(
+                settings, resources, evicted, lambda: protected, exclusive=exclusive
+            )
+        except BaseException:
+            await resources.aclose()
+            if database is not None:
+                await database.close()
+            raise
 
         fills = FillCoordinator(blobs, on_fill_finished=on_fill_finished)
         return cls(
@@ -118,11 +130,46 @@ class Cache:
             tag_ttl=settings.tag_ttl,
             stale_limit=settings.stale_limit,
             protected=protected,
+            resources=resources,
         )
 
     async def close(self) -> None:
         """Finish fills and close every store."""
         await self.fills.close()
         await self.blobs.close()
+        await self.resources.aclose()
         if self.database is not None:
             await self.database.close()
+
+
+async def _content_stores(
+    settings: StorageSettings,
+    resources: contextlib.AsyncExitStack,
+    on_evict: EvictHook,
+    protected: Callable[[], Collection[str]],
+    *,
+    exclusive: bool,
+) -> tuple[BlobStore, ManifestStore]:
+    """The blob and manifest stores `storage.backend` names, opened."""
+    blobs: FilesystemBlobStore | S3BlobStore
+    manifests: FilesystemManifestStore | S3ManifestStore
+    if settings.backend == "s3":
+        assert settings.s3 is not None  # the settings refuse s3 without it
+        bucket = await resources.enter_async_context(open_bucket(settings.s3))
+        # Fills in progress are spooled locally for their readers.
+        blobs = S3BlobStore(
+            bucket,
+            settings.path / "s3-spool",
+            settings.max_size,
+            on_evict=on_evict,
+            protected=protected,
+        )
+        manifests = S3ManifestStore(bucket)
+    else:
+        blobs = FilesystemBlobStore(
+            settings.path, settings.max_size, on_evict=on_evict, protected=protected
+        )
+        manifests = FilesystemManifestStore(settings.path)
+    await blobs.open(exclusive=exclusive)
+    await manifests.open()
+    return blobs, manifests

@@ -28,6 +28,7 @@ from proxy.storage.redis_client import BREAKER_FAILURES, RedisState
 from proxy.storage.redis_indexes import RedisRepositoryIndex, RedisTagIndex
 from proxy.storage.redis_pins import RedisPinStore
 from proxy.upstream.circuit import CircuitBreaker
+from tests.contract.backends import Backend, S3Backend, backend_named
 from tests.support.engines import RedisServer
 
 
@@ -112,3 +113,29 @@ def pin_stores(request: pytest.FixtureRequest, tmp_path: Path) -> PinStores:
         return lambda: FilePinStore(path)
     make: Callable[[], RedisState] = request.getfixturevalue("states")
     return lambda: RedisPinStore(make(), FilePinStore(path))
+
+
+# -- content stores (blob and manifest): filesystem and S3 --------------------------------
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Backend]:
+    # SeaweedFS starts only when an s3 case runs.
+    async with backend_named(
+        request.param, tmp_path, lambda: request.getfixturevalue("seaweed_s3"), monkeypatch
+    ) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def s3_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[S3Backend]:
+    """The S3 backend alone, for what only an object store has (multipart uploads)."""
+    async with backend_named(
+        "s3", tmp_path, lambda: request.getfixturevalue("seaweed_s3"), monkeypatch
+    ) as opened:
+        assert isinstance(opened, S3Backend)
+        yield opened

@@ -1,0 +1,850 @@
+"""Content on an S3-compatible object store: the `s3` storage backend's blob and manifest
+stores.
+
+Keys, under `storage.s3.prefix`:
+
+    <prefix>blobs/<algorithm>/<hex>      a blob, only ever the verified content
+    <prefix>manifests/<algorithm>/<hex>  a manifest body; its media type in the object's
+                                         metadata (`x-amz-meta-media-type`)
+
+**Verified before visible.** A blob fill hashes its bytes as they come and streams them
+into a multipart upload under the final key, one part (>= `PART_SIZE`) at a time: at most
+the part being gathered and the part being sent are in memory. CompleteMultipartUpload,
+the only call that makes an object appear, is sent after the digest and size verified;
+a failure aborts the upload. A blob smaller than one part is one PutObject after it
+verified. A process killed mid-fill leaves an incomplete multipart upload, never an
+object: `open` sweeps uploads under the prefix older than `sweep_age`, and the bucket's
+AbortIncompleteMultipartUpload lifecycle rule (README) catches the rest.
+
+While a fill runs, its readers (the clients waiting on it) read what has arrived from a
+local spool file under `<storage.path>/s3-spool/` (parts sent to S3 cannot be read until
+the upload completes); once published, a blob is read with ranged GETs that stream one
+response from the current offset, reopened only when a reader jumps.
+
+Cap and LRU accounting is one object (`MemoryAccounting`: this process's view, rebuilt
+from a listing of the bucket at `open`; blobs another replica published are adopted on
+first sight), so a shared ledger can take its place. Eviction deletes objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import inspect
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
+
+from botocore.exceptions import BotoCoreError, ClientError
+from cachetools import LRUCache
+
+from proxy.errors import DigestInvalid, ManifestInvalid
+from proxy.names.references import validate_digest
+from proxy.storage.blobstore import (
+    HASH_CHUNK,
+    BlobReader,
+    BlobStats,
+    BlobWriter,
+    CacheFull,
+    EvictHook,
+    StorageLocked,
+    _FdReader,
+    _ThreadedFd,
+)
+from proxy.storage.manifest_cache import (
+    MANIFEST_MEMORY,
+    CachedManifest,
+    ManifestStats,
+    _checked,
+)
+from proxy.storage.s3_client import ObjectStoreError, S3Bucket, error_code, is_missing
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+log = logging.getLogger(__name__)
+
+BLOBS = "blobs"
+MANIFESTS = "manifests"
+# S3's minimum part is 5 MiB; 8 MiB parts keep a fill's memory at ~16 MiB (one part
+# gathering, one sending) and stay under S3's 10,000-part limit up to ~80 GiB.
+PART_SIZE = 8 * 1024 * 1024
+# Incomplete uploads older than this are a dead process's (no live fill runs this long).
+SWEEP_AGE = 24 * 3600.0
+# How long a presigned blob URL (storage.s3.redirect) stays valid: checked when the
+# client's GET starts, so it only needs to cover the redirect round trip and retries.
+REDIRECT_TTL = 600
+MEDIA_TYPE_KEY = "media-type"
+_DELETE_BATCH = 1000
+
+
+def _storage_error(action: str, exc: Exception) -> ObjectStoreError:
+    error = ObjectStoreError(f"object store: {action} failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+# -- accounting --------------------------------------------------------------------------
+
+
+class MemoryAccounting:
+    """Which blobs the store holds, in LRU order, and what the cap has promised: fills'
+    reservations, objects being deleted, leases. This process's view only (a ledger
+    shared through Redis can replace it for several replicas)."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.index: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self.total = 0
+        self.filling = 0
+        self.removing = 0
+        self.leases: dict[str, int] = {}
+
+    @property
+    def used(self) -> int:
+        """Bytes in the bucket or promised to it: what `max_size` bounds."""
+        return self.total + self.filling + self.removing
+
+    def load(self, blobs: list[tuple[str, int]]) -> None:
+        """Start from a listing, oldest first."""
+        self.index = OrderedDict(blobs)
+        self.total = sum(self.index.values())
+
+    def size(self, digest: str) -> int | None:
+        return self.index.get(digest)
+
+    def touch(self, digest: str) -> None:
+        if digest in self.index:
+            self.index.move_to_end(digest)
+
+    def publish(self, digest: str, size: int, reserved: int) -> None:
+        """A fill's object is visible: its reservation becomes it."""
+        old = self.index.pop(digest, None)
+        if old is not None:
+            self.total -= old  # the same key was overwritten
+        self.index[digest] = size
+        self.total += size
+        self.filling -= reserved
+
+    def adopt(self, digest: str, size: int) -> None:
+        """An object found in the bucket that this view did not know (another replica's)."""
+        if digest not in self.index:
+            self.index[digest] = size
+            self.total += size
+
+    def forget(self, digest: str) -> int | None:
+        size = self.index.pop(digest, None)
+        if size is not None:
+            self.total -= size
+        return size
+
+    def victims(
+        self, incoming: int, protected: Collection[str]
+    ) -> tuple[list[tuple[str, int]], int]:
+        """Least recently used blobs, not leased or protected, whose removal makes room for
+        `incoming` more bytes; and the excess left (> 0: not enough could go)."""
+        excess = self.used + incoming - self.max_size
+        chosen: list[tuple[str, int]] = []
+        for digest, size in self.index.items():
+            if excess <= 0:
+                break
+            if digest in self.leases or digest in protected:
+                continue
+            chosen.append((digest, size))
+            excess -= size
+        return chosen, excess
+
+    def acquire(self, digest: str) -> None:
+        self.leases[digest] = self.leases.get(digest, 0) + 1
+
+    def release_lease(self, digest: str) -> None:
+        count = self.leases[digest] - 1
+        if count:
+            self.leases[digest] = count
+        else:
+            del self.leases[digest]
+
+
+# -- blobs -------------------------------------------------------------------------------
+
+
+class S3BlobStore:
+    """`BlobStore` on an S3 bucket (several replicas may share it)."""
+
+    def __init__(
+        self,
+        bucket: S3Bucket,
+        spool: Path,
+        max_size: int,
+        *,
+        protected: Callable[[], Collection[str]] | None = None,
+        on_evict: EvictHook | None = None,
+        accounting: MemoryAccounting | None = None,
+        part_size: int = PART_SIZE,
+        sweep_age: float = SWEEP_AGE,
+    ) -> None:
+        self.bucket = bucket
+        self.max_size = max_size
+        self._spool = spool
+        self._protected = protected
+        self._on_evict = on_evict
+        self.accounting = accounting or MemoryAccounting(max_size)
+        self.part_size = part_size
+        self.sweep_age = sweep_age
+        self._gc_lock = asyncio.Lock()
+        self._lock_fd = -1
+
+    @property
+    def _client(self) -> Any:
+        return self.bucket.client
+
+    def key(self, digest: str) -> str:
+        return self.bucket.key(BLOBS, digest)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self, *, exclusive: bool = True) -> None:
+        """Load the index from a listing of the bucket.
+
+        `exclusive` (the gate) locks the local spool folder, empties it, and aborts the
+        multipart uploads a dead process left (older than `sweep_age`); without it (the
+        read-only `cache` commands) nothing is locked or removed.
+        """
+        if exclusive:
+            await asyncio.to_thread(self._lock_spool)
+            await self.sweep()
+        found: list[tuple[datetime.datetime, str, int]] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(
+                Bucket=self.bucket.bucket, Prefix=f"{self.bucket.prefix}{BLOBS}/"
+            ):
+                for item in page.get("Contents", []):
+                    digest = self.bucket.digest_of_key(BLOBS, item["Key"])
+                    if digest is not None:
+                        found.append((item["LastModified"], digest, int(item["Size"])))
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error("listing the bucket", exc) from exc
+        found.sort()
+        self.accounting.load([(digest, size) for _, digest, size in found])
+
+    def _lock_spool(self) -> None:
+        self._spool.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._spool / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageLocked(f"another registry-gate process uses {self._spool}") from None
+        self._lock_fd = fd
+        for leftover in self._spool.iterdir():
+            if leftover.name != ".lock":
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+
+    async def sweep(self) -> list[str]:
+        """Abort the incomplete multipart uploads under the prefix older than `sweep_age`
+        (what a killed fill left); the keys whose uploads were aborted."""
+        cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=self.sweep_age)
+        aborted: list[str] = []
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        try:
+            async for page in paginator.paginate(
+                Bucket=self.bucket.bucket, Prefix=f"{self.bucket.prefix}{BLOBS}/"
+            ):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] > cutoff:
+                        continue  # maybe a live fill of another replica
+                    with contextlib.suppress(ClientError):
+                        await self._client.abort_multipart_upload(
+                            Bucket=self.bucket.bucket,
+                            Key=upload["Key"],
+                            UploadId=upload["UploadId"],
+                        )
+                        aborted.append(upload["Key"])
+        except (ClientError, BotoCoreError) as exc:
+            # Not fatal: the lifecycle rule is the backstop for what the sweep misses.
+            log.warning("could not sweep incomplete uploads: %s", exc)
+        for key in aborted:
+            log.info("aborted the incomplete upload of %s (a fill that never finished)", key)
+        return aborted
+
+    async def close(self) -> None:
+        """Release the spool lock (the client belongs to whoever opened the bucket)."""
+        if self._lock_fd >= 0:
+            fd, self._lock_fd = self._lock_fd, -1
+            os.close(fd)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def path_for(self, digest: str) -> Path | None:
+        """No local files: blobs are read through `open_reader`."""
+        return None
+
+    async def stat(self, digest: str) -> int | None:
+        validate_digest(digest)
+        size = self.accounting.size(digest)
+        if size is not None:
+            return size
+        # Not in this process's view: another replica may have published it since.
+        try:
+            head = await self._client.head_object(Bucket=self.bucket.bucket, Key=self.key(digest))
+        except (ClientError, BotoCoreError) as exc:
+            if not is_missing(exc):
+                log.warning("object store HEAD of %s failed: %s", digest, exc)
+            return None
+        size = int(head["ContentLength"])
+        self.accounting.adopt(digest, size)
+        return size
+
+    async def open_reader(self, digest: str) -> BlobReader | None:
+        if await self.stat(digest) is None:
+            return None
+        self.accounting.touch(digest)
+        return _ObjectReader(self, digest)
+
+    async def redirect_url(self, digest: str) -> str | None:
+        """A presigned GET URL of the published blob when `storage.s3.redirect` is on
+        (the client fetches the bytes from the object store itself); else None."""
+        if not self.bucket.redirect or await self.stat(digest) is None:
+            return None
+        self.accounting.touch(digest)
+        url: str = await self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket.bucket, "Key": self.key(digest)},
+            ExpiresIn=REDIRECT_TTL,
+        )
+        return url
+
+    @contextlib.asynccontextmanager
+    async def lease(self, digest: str) -> AsyncIterator[None]:
+        self.accounting.acquire(digest)
+        try:
+            yield
+        finally:
+            self.accounting.release_lease(digest)
+
+    @property
+    def used(self) -> int:
+        return self.accounting.used
+
+    async def stats(self) -> BlobStats:
+        account = self.accounting
+        return BlobStats(
+            len(account.index),
+            account.total,
+            self.max_size,
+            len(account.leases),
+            account.filling,
+            account.removing,
+        )
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def begin_fill(self, digest: str, size: int | None = None) -> BlobWriter:
+        algorithm = validate_digest(digest).partition(":")[0]
+        reserved = size or 0
+        await self._reserve(reserved)
+        try:
+            fd, name = await asyncio.to_thread(self._spool_file, digest)
+        except BaseException:
+            self.accounting.filling -= reserved
+            raise
+        return _S3BlobWriter(self, digest, algorithm, fd, Path(name), reserved)
+
+    def _spool_file(self, digest: str) -> tuple[int, str]:
+        self._spool.mkdir(parents=True, exist_ok=True)
+        hexpart = digest.partition(":")[2]
+        return tempfile.mkstemp(prefix=f"{hexpart[:16]}.", suffix=".part", dir=self._spool)
+
+    async def _reserve(self, size: int) -> None:
+        if size <= 0:
+            return
+        if size > self.max_size:
+            raise CacheFull(f"{size} bytes exceed the cache cap of {self.max_size}", never=True)
+        if self.accounting.used + size <= self.max_size:
+            self.accounting.filling += size
+            return
+        await self._evict(incoming=size, reserve=True)
+
+    async def delete(self, digest: str) -> bool:
+        size = self.accounting.forget(digest)
+        if size is None:
+            size = await self.stat(digest)
+            self.accounting.forget(digest)
+            if size is None:
+                return False
+        await self._remove([(digest, size)])
+        return True
+
+    async def _remove(self, victims: list[tuple[str, int]]) -> None:
+        # Counted until deleted, so no reservation takes the space early.
+        removing = sum(size for _, size in victims)
+        self.accounting.removing += removing
+        try:
+            for start in range(0, len(victims), _DELETE_BATCH):
+                batch = victims[start : start + _DELETE_BATCH]
+                objects: Any = [{"Key": self.key(digest)} for digest, _ in batch]
+                try:
+                    answer = await self._client.delete_objects(
+                        Bucket=self.bucket.bucket, Delete={"Objects": objects, "Quiet": True}
+                    )
+                except (ClientError, BotoCoreError) as exc:
+                    # Forgotten already; the next start's listing finds it again.
+                    log.error("cannot delete %d blobs from the object store: %s", len(batch), exc)
+                    continue
+                for error in answer.get("Errors", []):
+                    log.error("cannot delete %s: %s", error.get("Key"), error.get("Message"))
+        finally:
+            self.accounting.removing -= removing
+
+    async def gc(self) -> list[tuple[str, int]]:
+        return await self._evict(incoming=0)
+
+    async def _evict(self, incoming: int, *, reserve: bool = False) -> list[tuple[str, int]]:
+        """As `FilesystemBlobStore._evict`: LRU victims until `incoming` fits; with
+        `reserve`, all or nothing (CacheFull, nothing deleted)."""
+        async with self._gc_lock:
+            protected = frozenset(self._protected()) if self._protected else frozenset()
+            victims, excess = self.accounting.victims(incoming, protected)
+            if excess > 0 and reserve:
+                raise CacheFull(f"no room for {incoming} bytes: the rest of the cache is in use")
+            if reserve:
+                self.accounting.filling += incoming
+            for digest, _ in victims:
+                self.accounting.forget(digest)
+            if victims:
+                await self._remove(victims)
+            if excess > 0:
+                log.warning(
+                    "blob cache over its cap by %d bytes: the rest is leased or pinned", excess
+                )
+        if self._on_evict is not None:
+            for digest, size in victims:
+                result = self._on_evict(digest, size)
+                if inspect.isawaitable(result):
+                    await result
+        return victims
+
+    async def verify(self, *, remove: bool = False) -> list[str]:
+        bad: list[str] = []
+        for digest in list(self.accounting.index):
+            size = self.accounting.size(digest)
+            if size is None:
+                continue  # evicted meanwhile
+            async with self.lease(digest):
+                ok = await self._object_matches(digest, size)
+            if ok is None:
+                self.accounting.forget(digest)
+            elif not ok:
+                bad.append(digest)
+                if remove:
+                    await self.delete(digest)
+        return bad
+
+    async def _object_matches(self, digest: str, size: int) -> bool | None:
+        """Whether the object hashes to `digest` with `size` bytes; None when gone."""
+        algorithm, _, hexpart = digest.partition(":")
+        hasher = hashlib.new(algorithm)
+        count = 0
+        try:
+            response = await self._client.get_object(
+                Bucket=self.bucket.bucket, Key=self.key(digest)
+            )
+            async with response["Body"] as body:
+                while chunk := await body.read(HASH_CHUNK):
+                    hasher.update(chunk)
+                    count += len(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            if is_missing(exc):
+                return None
+            raise _storage_error(f"reading {digest}", exc) from exc
+        return count == size and hasher.hexdigest() == hexpart
+
+
+class _ObjectReader:
+    """`BlobReader` of a published object: one streaming GET from the current offset,
+    reopened (with a ranged GET) when a read does not continue where the last ended or
+    when the connection broke."""
+
+    def __init__(self, store: S3BlobStore, digest: str) -> None:
+        self._store = store
+        self._digest = digest
+        self._body: Any = None
+        self._pos = -1
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        for attempt in (1, 2):
+            if self._body is None or self._pos != offset:
+                await self._drop()
+                if not await self._open(offset):
+                    return b""
+            try:
+                data = await self._read(size)
+            except (TimeoutError, BotoCoreError, OSError) as exc:
+                # An idle stream (a slow client) may have been closed by the store.
+                await self._drop()
+                if attempt == 2:
+                    raise _storage_error(f"reading {self._digest}", exc) from exc
+                continue
+            self._pos = offset + len(data)
+            return data
+        raise AssertionError("unreachable")
+
+    async def _open(self, offset: int) -> bool:
+        store = self._store
+        try:
+            response = await store._client.get_object(
+                Bucket=store.bucket.bucket, Key=store.key(self._digest), Range=f"bytes={offset}-"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            if error_code(exc) == "InvalidRange":
+                return False  # at or past the end
+            if is_missing(exc):
+                # Removed behind this process (another replica evicted it): forget it.
+                store.accounting.forget(self._digest)
+            raise _storage_error(f"reading {self._digest}", exc) from exc
+        self._body = response["Body"]
+        self._pos = offset
+        return True
+
+    async def _read(self, size: int) -> bytes:
+        first: bytes = await self._body.read(size)
+        if len(first) == size or not first:
+            return first
+        data = bytearray(first)
+        while len(data) < size:
+            chunk = await self._body.read(size - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
+
+    async def _drop(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            body.close()
+
+    async def aclose(self) -> None:
+        await self._drop()
+
+
+class _S3BlobWriter:
+    """One fill: hashed, spooled locally for its readers, and sent to the final key as a
+    multipart upload that is completed only once verified."""
+
+    def __init__(
+        self,
+        store: S3BlobStore,
+        digest: str,
+        algorithm: str,
+        fd: int,
+        spool: Path,
+        reserved: int,
+    ) -> None:
+        self._store = store
+        self._digest = digest
+        self._key = store.key(digest)
+        self._reserved = reserved
+        self._hash = hashlib.new(algorithm)
+        self._fd = _ThreadedFd(fd)
+        self._spool = spool
+        self._written = 0
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[CompletedPartTypeDef] = []
+        self._sending: asyncio.Task[None] | None = None
+        self._finished = False
+        self._committed = False
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    async def write(self, chunk: bytes) -> None:
+        if self._finished:
+            raise ValueError("write after commit or abort")
+        beyond = self._written + len(chunk) - self._reserved
+        if beyond > 0:
+            await self._store._reserve(beyond)
+            self._reserved += beyond
+
+        def spool(fd: int) -> None:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            self._hash.update(chunk)
+
+        await self._fd.call(spool)
+        self._written += len(chunk)
+        self._buffer += chunk
+        if len(self._buffer) >= self._store.part_size:
+            part, self._buffer = bytes(self._buffer), bytearray()
+            await self._send(part)
+
+    async def _send(self, part: bytes) -> None:
+        """Start sending `part` once the previous one is sent (at most one in flight)."""
+        client = self._store._client
+        if self._upload_id is None:
+            try:
+                created = await client.create_multipart_upload(
+                    Bucket=self._store.bucket.bucket, Key=self._key
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise _storage_error("starting an upload", exc) from exc
+            self._upload_id = created["UploadId"]
+        await self._sent()
+        number = len(self._parts) + 1
+        self._sending = asyncio.create_task(
+            self._upload_part(number, part), name=f"upload part {number} of {self._digest}"
+        )
+
+    async def _upload_part(self, number: int, part: bytes) -> None:
+        try:
+            answer = await self._store._client.upload_part(
+                Bucket=self._store.bucket.bucket,
+                Key=self._key,
+                UploadId=self._upload_id or "",
+                PartNumber=number,
+                Body=part,
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error(f"sending part {number}", exc) from exc
+        self._parts.append({"ETag": answer["ETag"], "PartNumber": number})
+
+    async def _sent(self) -> None:
+        sending, self._sending = self._sending, None
+        if sending is not None:
+            await sending
+
+    def open_reader(self) -> BlobReader:
+        if not self._fd.closed:
+            return _FdReader(os.dup(self._fd.fd))
+        if not self._committed:
+            raise ValueError("the fill was aborted")
+        return _ObjectReader(self._store, self._digest)
+
+    async def commit(
+        self, expected_size: int | None = None, on_verified: Callable[[], None] | None = None
+    ) -> None:
+        if self._finished:
+            raise ValueError("commit after commit or abort")
+        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if actual != self._digest or (expected_size is not None and expected_size != self._written):
+            await self.abort()
+            raise DigestInvalid(
+                "content does not match its digest",
+                detail={
+                    "digest": self._digest,
+                    "received": actual,
+                    "size": self._written,
+                    "expected_size": expected_size,
+                },
+            )
+        if on_verified is not None:
+            on_verified()
+        try:
+            await self._publish()
+        except BaseException:
+            await self.abort()
+            raise
+        # No await since the object appeared: the index takes it at once.
+        self._finished = self._committed = True
+        self._store.accounting.publish(self._digest, self._written, self._reserved)
+        await self._drop_spool()
+
+    async def _publish(self) -> None:
+        """Make the (verified) object appear under its key."""
+        client = self._store._client
+        bucket = self._store.bucket.bucket
+        if self._upload_id is None:
+            part, self._buffer = bytes(self._buffer), bytearray()
+            try:
+                await client.put_object(Bucket=bucket, Key=self._key, Body=part)
+            except (ClientError, BotoCoreError) as exc:
+                raise _storage_error("storing the blob", exc) from exc
+            return
+        if self._buffer:
+            last, self._buffer = bytes(self._buffer), bytearray()
+            await self._send(last)
+        await self._sent()
+        try:
+            await client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error("completing the upload", exc) from exc
+        self._upload_id = None  # completed: nothing left to abort
+
+    async def abort(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._buffer = bytearray()
+        try:
+            sending, self._sending = self._sending, None
+            if sending is not None:
+                sending.cancel()
+                with contextlib.suppress(BaseException):
+                    await sending
+            upload_id, self._upload_id = self._upload_id, None
+            if upload_id is not None:
+                try:
+                    await self._store._client.abort_multipart_upload(
+                        Bucket=self._store.bucket.bucket, Key=self._key, UploadId=upload_id
+                    )
+                except (ClientError, BotoCoreError) as exc:
+                    # The sweep at the next start (or the lifecycle rule) removes it.
+                    log.warning("cannot abort the upload of %s: %s", self._digest, exc)
+            await self._drop_spool()
+        finally:
+            self._store.accounting.filling -= self._reserved
+
+    async def _drop_spool(self) -> None:
+        await self._fd.close()
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(self._spool.unlink)
+
+
+# -- manifests ---------------------------------------------------------------------------
+
+
+class S3ManifestStore:
+    """`ManifestStore` on an S3 bucket, recently used manifests in memory (a manifest is
+    immutable by digest, so a copy in memory never goes stale)."""
+
+    def __init__(self, bucket: S3Bucket, *, memory_bytes: int = MANIFEST_MEMORY) -> None:
+        self.bucket = bucket
+        self._memory: LRUCache[str, CachedManifest] = LRUCache(
+            maxsize=memory_bytes, getsizeof=lambda m: len(m.body) + len(m.media_type)
+        )
+
+    @property
+    def _client(self) -> Any:
+        return self.bucket.client
+
+    async def open(self) -> None:
+        """Nothing to prepare (the bucket was checked when the client opened)."""
+
+    async def get(self, digest: str) -> CachedManifest | None:
+        manifest = self._memory.get(digest)
+        if manifest is not None:
+            return manifest
+        try:
+            stored = await self._fetch(digest)
+        except ObjectStoreError as exc:
+            # A miss: the manifest is fetched upstream again (and stored once more).
+            log.warning("%s", exc)
+            return None
+        if stored is None:
+            return None
+        manifest = await self._intact(digest, *stored, remove=True)
+        if manifest is not None:
+            self._memory[digest] = manifest
+        return manifest
+
+    async def _fetch(self, digest: str) -> tuple[str, bytes] | None:
+        """(media type, body) as stored, or None when there is no such object."""
+        key = self.bucket.key(MANIFESTS, digest)
+        try:
+            response = await self._client.get_object(Bucket=self.bucket.bucket, Key=key)
+            async with response["Body"] as body:
+                data: bytes = await body.read()
+        except (ClientError, BotoCoreError) as exc:
+            if is_missing(exc):
+                return None
+            raise _storage_error(f"reading manifest {digest}", exc) from exc
+        return unquote(response.get("Metadata", {}).get(MEDIA_TYPE_KEY, "")), data
+
+    async def _intact(
+        self, digest: str, media_type: str, data: bytes, *, remove: bool
+    ) -> CachedManifest | None:
+        """The manifest if the stored object is intact; a damaged one is logged (and
+        removed when `remove`)."""
+        try:
+            if not media_type:
+                raise ManifestInvalid("no media type metadata")
+            return _checked(digest, media_type, data)
+        except (ManifestInvalid, DigestInvalid) as exc:
+            log.error("cached manifest %s is damaged (%s)", digest, exc)
+            if remove:
+                await self.delete(digest)
+            return None
+
+    async def put(self, digest: str, media_type: str, body: bytes) -> CachedManifest:
+        manifest = _checked(digest, media_type, body)
+        try:
+            await self._client.put_object(
+                Bucket=self.bucket.bucket,
+                Key=self.bucket.key(MANIFESTS, digest),
+                Body=body,
+                # Metadata travels as HTTP headers: quoted, so any printable type fits.
+                Metadata={MEDIA_TYPE_KEY: quote(media_type, safe="/+.;= -")},
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error(f"storing manifest {digest}", exc) from exc
+        self._memory[digest] = manifest
+        return manifest
+
+    async def delete(self, digest: str) -> bool:
+        self._memory.pop(digest, None)
+        key = self.bucket.key(MANIFESTS, digest)
+        try:
+            await self._client.head_object(Bucket=self.bucket.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            if is_missing(exc):
+                return False
+            raise _storage_error(f"deleting manifest {digest}", exc) from exc
+        try:
+            await self._client.delete_object(Bucket=self.bucket.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error(f"deleting manifest {digest}", exc) from exc
+        return True
+
+    async def _scan(self) -> list[tuple[str, int]]:
+        found: list[tuple[str, int]] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(
+                Bucket=self.bucket.bucket, Prefix=f"{self.bucket.prefix}{MANIFESTS}/"
+            ):
+                for item in page.get("Contents", []):
+                    digest = self.bucket.digest_of_key(MANIFESTS, item["Key"])
+                    if digest is not None:
+                        found.append((digest, int(item["Size"])))
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error("listing manifests", exc) from exc
+        return found
+
+    async def verify(self, *, remove: bool = False) -> list[str]:
+        bad: list[str] = []
+        for digest, _ in await self._scan():
+            stored = await self._fetch(digest)
+            if stored is None:
+                continue  # deleted meanwhile
+            if await self._intact(digest, *stored, remove=False) is None:
+                bad.append(digest)
+                if remove:
+                    await self.delete(digest)
+        return bad
+
+    async def stats(self) -> ManifestStats:
+        found = await self._scan()
+        return ManifestStats(len(found), sum(size for _, size in found))
