@@ -67,7 +67,7 @@ def build_services(settings: Settings) -> Services:
         tag_lists=settings.tag_lists,
         revalidate_grace=settings.storage.revalidate_grace,
     )
-    audit = AuditLog.from_settings(settings.audit, metrics=metrics)
+    audit = AuditLog.for_gate(settings, metrics=metrics)
     pins_path = settings.policy.pins_path
     pins = FilePinStore(pins_path) if pins_path else FilePinStore.under(settings.storage.path)
     holder = PolicyHolder(
