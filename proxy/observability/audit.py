@@ -18,6 +18,12 @@ A hash chain without a key shows an edit, deletion, insertion or reordering unle
 editor rewrites every later line too, and it cannot show the loss of the final lines;
 `verify` prints the chain head (seq and hash) so it can be compared with a copy kept
 elsewhere (the stdout sink shipped to a log collector is such a copy).
+
+Several replicas. Each replica writes its own chain (`{replica}` in `audit.path`), and
+when the gate runs as several (`redis` set, or that placeholder) every line carries
+`replica`, so merged copies (a collector's) can be split per chain again. A replica
+claims its file with a lock beside it and refuses to start when another process holds
+it: two writers of one chain would fork it. `audit_chains` verifies a folder of them.
 """
 
 from __future__ import annotations
@@ -757,7 +763,11 @@ class AuditLog:
             chained = self._file
 
             def open_file() -> None:
-                chained.lock()
+                # One of several replicas: its chain is its own, so a second writer is a
+                # misconfiguration. A single gate keeps continuing what another writer
+                # appended (a one-off command) rather than refusing it.
+                if self._replica is not None:
+                    chained.lock()
                 try:
                     self._head = chained.sync(self._head)
                 except BaseException:
