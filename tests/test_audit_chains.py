@@ -86,7 +86,7 @@ async def test_a_folder_sorts_into_chains_oldest_file_first_whatever_the_names(
         await write(log, 2)
 
     chains, notes = chains_in([tmp_path])
-    assert [chain.name for chain in chains] == ["a", "audit.jsonl", "b"]
+    assert [chain.name for chain in chains] == ["a", "audit", "b"]
     assert chains[0].files[-1] == tmp_path / "a.jsonl"
     assert not notes
     result = verify_chains([tmp_path])
@@ -107,6 +107,15 @@ def test_an_empty_folder_does_not_verify(tmp_path: Path) -> None:
     result = verify_chains([tmp_path])
     assert not result.ok
     assert "no audit files" in format_chains_result(result, [tmp_path])
+
+
+def test_a_replica_that_wrote_nothing_yet_is_named_after_its_file(tmp_path: Path) -> None:
+    (tmp_path / "gate-c.jsonl").touch()
+    (tmp_path / ".gate-c.jsonl.lock").write_text("pid 1")
+    result = verify_chains([tmp_path])
+    report = format_chains_result(result, [tmp_path])
+    assert result.ok and [chain.name for chain, _ in result.chains] == ["gate-c"], report
+    assert "replica gate-c:\n  note: " in report and "empty" in report
 
 
 def test_replica_in_the_audit_path_is_replaced_by_the_replica_id(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from proxy.observability.audit import (
 _ROTATION_SUFFIX = re.compile(
     r"(\.\d{8}T\d{6}\.\d{6}Z(-\d+)?|\.\d+|-\d{8}(\d{2})?)?(\.gz)?$",
 )
+_NAME_EXTENSION = re.compile(r"\.(jsonl|json|log)$")
 _UNREADABLE_SUFFIXES = (".bz2", ".xz", ".zst", ".lz4", ".zip")
 
 
@@ -65,6 +66,12 @@ def _name_key(path: Path) -> str:
     return _ROTATION_SUFFIX.sub("", path.name) or path.name
 
 
+def _chain_name(key: str) -> str:
+    """What a chain known only by its file name is called (`b.jsonl` -> `b`): a replica
+    that has written nothing yet has the name its records will carry."""
+    return _NAME_EXTENSION.sub("", key) or key
+
+
 def _files(paths: Sequence[Path], notes: list[str]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
@@ -97,7 +104,7 @@ def chains_in(paths: Sequence[Path]) -> tuple[list[Chain], list[str]]:
             # A file from a single gate (no replica in its lines), or one with no readable
             # record at all: it joins the replica whose files carry its name, if any.
             key = _name_key(path)
-            groups.setdefault(named_by_key.get(key, key), []).append(path)
+            groups.setdefault(named_by_key.get(key, _chain_name(key)), []).append(path)
 
     def oldest_first(path: Path) -> tuple[int, int, str]:
         seq = openings[path].seq
