@@ -69,7 +69,7 @@ def build_services(settings: Settings, upstreams: Mapping[str, Registry] | None 
         revalidate_grace=settings.storage.revalidate_grace,
         replicas=ReplicaFills.from_settings(settings, metrics, shared),
     )
-    audit = AuditLog.from_settings(settings.audit, metrics=metrics)
+    audit = AuditLog.for_gate(settings, metrics=metrics)
     pins = pin_store(settings, shared)
     holder = PolicyHolder(
         PolicySources.from_settings(settings),

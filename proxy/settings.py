@@ -452,16 +452,41 @@ class AuthSettings(_Strict):
         return self
 
 
+REPLICA_PLACEHOLDER = "{replica}"
+
+
 class AuditSettings(_Strict):
     """The audit log sink."""
 
-    path: Path | None = None
+    path: Path | None = Field(
+        default=None,
+        description="the audit file; `{replica}` in it becomes replica.id, so that each "
+        "replica writes its own hash chain (e.g. /var/log/registry-gate/{replica}.jsonl)",
+    )
     stdout: bool = False
     on_failure: Literal["fail_closed", "fail_open"] = Field(
         default="fail_closed",
         description="while the audit log cannot be written: refuse requests (503) or serve "
         "them and count the records not written",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _placeholder(cls, value: Path | None) -> Path | None:
+        if value is not None and re.search(r"[{}]", str(value).replace(REPLICA_PLACEHOLDER, "")):
+            raise ValueError("only {replica} is replaced in the audit path; no other braces")
+        return value
+
+    @property
+    def per_replica(self) -> bool:
+        """Whether each replica writes its own file (`{replica}` in `path`)."""
+        return self.path is not None and REPLICA_PLACEHOLDER in str(self.path)
+
+    def file_for(self, replica: str) -> Path | None:
+        """The audit file this replica writes (`path` with `{replica}` replaced)."""
+        if self.path is None:
+            return None
+        return Path(str(self.path).replace(REPLICA_PLACEHOLDER, replica))
 
 
 class TlsSettings(_Strict):
@@ -605,6 +630,11 @@ class Settings(_Strict):
         host, port = host_port(self.listen)
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.tls else 'http'}://{host}:{port}"
+
+    @property
+    def audit_file(self) -> Path | None:
+        """The audit file this process writes (`audit.path` for this `replica.id`)."""
+        return self.audit.file_for(self.replica.id)
 
     def upstream(self, registry: str) -> UpstreamSettings | None:
         """The upstream entry for a (normalised) registry name."""

@@ -280,6 +280,10 @@ def _quantity_bytes(quantity: str) -> int:
 
 def test_cache_size_fits_its_volume(scenario: tuple[str, Rendered]) -> None:
     _, rendered = scenario
+    if rendered.gate_yaml["storage"].get("backend") == "s3":
+        # The cap is on the bucket; the pod's volume is scratch space only.
+        assert rendered.all("PersistentVolumeClaim") == []
+        return
     max_size = parse_size(rendered.gate_yaml["storage"].get("max_size", "20GiB"))
     claims = rendered.workload["spec"].get("volumeClaimTemplates", []) + rendered.all(
         "PersistentVolumeClaim"
@@ -327,6 +331,14 @@ def test_pod_security(scenario: tuple[str, Rendered]) -> None:
     assert resources["limits"]["memory"]
 
 
+# The gate.yaml keys the chart sets through the environment (a Secret, the pod's identity).
+CHART_OVERRIDES = {
+    "REGISTRY_GATE_UPLOAD_SECRET",
+    "REGISTRY_GATE_REPLICA__ID",
+    "REGISTRY_GATE_REPLICA__PEER_URL",
+}
+
+
 def test_service_links_are_off_because_the_gate_reads_its_prefix(
     scenario: tuple[str, Rendered],
 ) -> None:
@@ -346,7 +358,7 @@ def test_service_links_are_off_because_the_gate_reads_its_prefix(
         load_settings(ROOT / "deploy" / "gate.yaml", environ={"REGISTRY_GATE_LISTEN": "nope"})
     for env in rendered.container["env"]:
         if env["name"].startswith("REGISTRY_GATE_"):
-            assert env["name"] == "REGISTRY_GATE_UPLOAD_SECRET"
+            assert env["name"] in CHART_OVERRIDES
 
 
 def test_probes(scenario: tuple[str, Rendered]) -> None:
@@ -433,7 +445,10 @@ def test_volumes(scenario: tuple[str, Rendered]) -> None:
 
     cache = rendered.find_volume("cache")
     values = rendered.values
-    if rendered.workload["kind"] == "StatefulSet" and values["persistence"]["enabled"]:
+    if settings.storage.backend == "s3":
+        # The cache is in the bucket: the pod's volume is scratch, whatever persistence says.
+        assert cache is not None and "emptyDir" in cache
+    elif rendered.workload["kind"] == "StatefulSet" and values["persistence"]["enabled"]:
         (claim,) = rendered.workload["spec"]["volumeClaimTemplates"]
         assert claim["metadata"]["name"] == "cache"
         assert claim["spec"]["resources"]["requests"]["storage"] == values["persistence"]["size"]
@@ -546,12 +561,165 @@ def test_existing_secrets_and_policies() -> None:
     upstream = rendered.gate_yaml["upstreams"][0]
     assert upstream["password_env"] == "DOCKERHUB_TOKEN"
     assert "password" not in upstream
-    # Two replicas, each with its own claim; the PDB keeps one up.
-    assert rendered.workload["spec"]["replicas"] == 2
+    # One replica on the filesystem backend: a StatefulSet with its own claim.
+    assert rendered.workload["kind"] == "StatefulSet"
+    assert rendered.workload["spec"]["replicas"] == 1
+
+
+# Stand-ins for the Secrets ci/scale-out-values.yaml references, and the pod's own
+# downward-API fields.
+SCALE_OUT_SECRETS = {
+    "registry-gate-s3": {"access-key": "AKIAEXAMPLE", "secret-key": "s3-secret-example"},
+    "registry-gate-redis": {"password": "redis-password-example"},
+    "registry-gate-upload": {"upload-secret": "5e1f0c2b9a7d4e3f8a6b1c0d2e4f6a8b"},
+}
+POD_FIELDS = {"metadata.name": "rg-registry-gate-7d9c5-x2kqp", "status.podIP": "10.42.1.17"}
+
+
+def pod_environment(container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: Secrets and downward-API
+    fields resolved, `$(VAR)` expanded from the variables before it."""
+    env: dict[str, str] = {}
+    for variable in container["env"]:
+        if "value" in variable:
+            env[variable["name"]] = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda m: env.get(m.group(1), m.group(0)),
+                variable["value"],
+            )
+            continue
+        source = variable["valueFrom"]
+        if "fieldRef" in source:
+            env[variable["name"]] = POD_FIELDS[source["fieldRef"]["fieldPath"]]
+        else:
+            ref = source["secretKeyRef"]
+            env[variable["name"]] = SCALE_OUT_SECRETS[ref["name"]][ref["key"]]
+    return env
+
+
+def test_scale_out_is_a_deployment_sharing_s3_and_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered = render(SCENARIOS["scale-out"])
+    workload = rendered.workload
+    assert workload["kind"] == "Deployment"
+    assert workload["spec"]["replicas"] == 3
+    # Nothing per pod to keep: no claim of any kind, the rollout is a rolling update.
+    assert "volumeClaimTemplates" not in workload["spec"]
+    assert rendered.all("PersistentVolumeClaim") == []
+    assert all("persistentVolumeClaim" not in v for v in rendered.pod_spec["volumes"])
+    assert "strategy" not in workload["spec"]
+    assert rendered.all("StatefulSet") == []
+    assert [s["metadata"]["name"] for s in rendered.all("Service")] == [FULLNAME]
+    selector = workload["spec"]["selector"]
     assert rendered.one("PodDisruptionBudget")["spec"] == {
-        "minAvailable": 1,
-        "selector": rendered.workload["spec"]["selector"],
+        "maxUnavailable": 1,
+        "selector": selector,
     }
+    spread = rendered.pod_spec["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    }
+    assert all(c["labelSelector"] == selector and c["maxSkew"] == 1 for c in spread)
+
+    # Credentials are Secret references only: no secret value anywhere in the objects.
+    env = {e["name"]: e for e in rendered.container["env"]}
+    assert env["S3_ACCESS_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "registry-gate-s3", "key": "access-key"}
+    }
+    assert env["S3_SECRET_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "registry-gate-s3", "key": "secret-key"}
+    }
+    assert env["REDIS_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "registry-gate-redis", "key": "password"}
+    }
+    assert env["REGISTRY_GATE_UPLOAD_SECRET"]["valueFrom"] == {
+        "secretKeyRef": {"name": "registry-gate-upload", "key": "upload-secret"}
+    }
+    everything = json.dumps(rendered.objects)
+    for secret in SCALE_OUT_SECRETS.values():
+        for value in secret.values():
+            assert value not in everything
+    assert rendered.all("Secret") == []
+    gate_yaml = rendered.gate_yaml
+    assert gate_yaml["storage"]["s3"]["access_key_env"] == "S3_ACCESS_KEY"
+    assert gate_yaml["storage"]["s3"]["secret_key_env"] == "S3_SECRET_KEY"
+    assert gate_yaml["redis"]["password_env"] == "REDIS_PASSWORD"
+    assert "upload_secret" not in gate_yaml and "replica" not in gate_yaml
+
+    # The gate's own loader accepts gate.yaml with the pod's environment, and every
+    # secret and the replica identity arrive where the settings expect them.
+    environ = pod_environment(rendered.container)
+    config = tmp_path / "gate.yaml"
+    config.write_text(rendered.gate_yaml_text)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(config, environ)
+    assert settings.storage.backend == "s3" and settings.storage.s3 is not None
+    assert settings.storage.s3.bucket == "registry-gate"
+    assert settings.storage.s3.prefix == "cache/"
+    assert settings.storage.s3.credentials() == ("AKIAEXAMPLE", "s3-secret-example")
+    assert settings.redis is not None
+    assert settings.redis.url == "redis://redis-master.redis.svc:6379/0"
+    assert settings.redis.password() == "redis-password-example"
+    assert settings.upload_secret == SCALE_OUT_SECRETS["registry-gate-upload"]["upload-secret"]
+    assert settings.replica.id == POD_FIELDS["metadata.name"]
+    assert settings.replica.peer_url == "http://10.42.1.17:5000"
+    # Audit: stdout, one chain per replica, each line naming the pod.
+    assert settings.audit.stdout and settings.audit.path is None
+    assert "3 replica(s) of one gate" in rendered.notes
+
+
+def test_scale_out_audit_files_name_the_replica() -> None:
+    values = merged(
+        SCENARIOS["scale-out"],
+        {"config": {"audit": {"path": "/var/lib/registry-gate/audit/{replica}.jsonl"}}},
+    )
+    settings = Settings.model_validate(render(values).gate_yaml)
+    assert settings.audit.per_replica
+    assert settings.audit_file is not None
+
+
+SCALE_OUT_REFUSALS = [
+    ({"replicaCount": 2}, "replicaCount 2 needs shared storage"),
+    ({"config": {"redis": None}}, "replicaCount 3 needs config.redis.url"),
+    ({"uploadSecret": {"existingSecret": ""}}, "replicaCount 3 needs uploadSecret"),
+    (
+        {"config": {"audit": {"path": "/var/lib/registry-gate/audit/audit.jsonl"}}},
+        "would be written by every replica",
+    ),
+    ({"config": {"replica": {"id": "one"}}}, "config.replica is set by the chart"),
+    ({"config": {"storage": {"s3": None}}}, "needs config.storage.s3"),
+    (
+        {"config": {"storage": {"s3": {"access_key_env": "KEY"}}}},
+        "config.storage.s3.access_key_env and s3Credentials.existingSecret are both set",
+    ),
+    (
+        {
+            "s3Credentials": {"existingSecret": ""},
+            "config": {"storage": {"s3": {"access_key_env": "KEY", "secret_key_env": "SECRET"}}},
+        },
+        "access_key_env KEY is not provided",
+    ),
+    (
+        {"config": {"redis": {"password_env": "PW"}}},
+        "config.redis.password_env and redisPassword.existingSecret are both set",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "complaint"), SCALE_OUT_REFUSALS)
+def test_chart_refuses_several_replicas_that_would_not_be_one_gate(
+    override: dict[str, Any], complaint: str
+) -> None:
+    base = SCENARIOS["scale-out"]
+    if override == {"replicaCount": 2}:
+        base = None  # the default values: filesystem backend
+    values = merged(base, override)
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as caught:
+        chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+    assert complaint in str(caught.value)
 
 
 def test_ingress_with_tls() -> None:

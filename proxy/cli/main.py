@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     pins.add_argument("names", nargs="*", help="remove: NAME...; set: NAME REPOSITORY")
     audit = commands.add_parser("audit", help="audit log tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    audit_verify = audit_commands.add_parser("verify", help="check audit files, oldest first")
+    audit_verify = audit_commands.add_parser(
+        "verify", help="check audit files, oldest first, or every replica's chain in a folder"
+    )
     audit_verify.add_argument("files", nargs="+", type=Path)
     audit_verify.add_argument("--partial", action="store_true")
     cache = commands.add_parser("cache", help="cache stats, verify, gc")

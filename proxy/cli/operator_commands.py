@@ -15,6 +15,7 @@ from pathlib import Path
 
 from proxy.errors import RegistryError
 from proxy.observability.audit import format_verify_result, verify
+from proxy.observability.audit_chains import format_chains_result, verify_chains
 from proxy.policy.explain import explain, format_explanation
 from proxy.policy.principal import Principal
 from proxy.policy.rules import load_policy
@@ -126,7 +127,15 @@ async def pins_remove(settings: Settings, names: Sequence[str]) -> int:
 
 
 def audit_verify(paths: Sequence[Path], *, partial: bool) -> int:
-    """Verify audit files (oldest first); non-zero naming the first bad line."""
+    """Verify audit files (oldest first); non-zero naming the first bad line.
+
+    Given a folder, every replica's chain in it (and in the files given beside it) is
+    verified on its own and reported per replica.
+    """
+    if any(path.is_dir() for path in paths):
+        outcome = verify_chains(paths, allow_partial=partial)
+        print(format_chains_result(outcome, paths))
+        return EXIT_OK if outcome.ok else EXIT_FAILED
     result = verify(list(paths), allow_partial=partial)
     print(format_verify_result(result))
     return EXIT_OK if result.ok else EXIT_FAILED

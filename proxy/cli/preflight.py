@@ -107,8 +107,8 @@ def preflight(settings: Settings, *, listen: bool = False) -> None:
         check_writable_file("policy.pins_path", pins)
     else:
         check_writable_file("storage.path", storage / PINS_FILE_NAME)
-    if settings.audit.path is not None:
-        check_writable_file("audit.path", settings.audit.path)
+    if settings.audit_file is not None:
+        check_writable_file("audit.path", settings.audit_file)
     tls_context(settings)
     _check_upstream_ca_files(settings)
     if settings.storage.s3 is not None:
@@ -133,7 +133,7 @@ def check_bucket(s3: S3Settings) -> None:
 def setting_named_in(settings: Settings, text: str) -> str | None:
     """The setting whose file or folder `text` (an error message) names, if any."""
     candidates: list[tuple[str, Path | None]] = [
-        ("audit.path", settings.audit.path),
+        ("audit.path", settings.audit_file),
         ("policy.pins_path", settings.policy.pins_path),
         ("tls.cert_file", settings.tls.cert_file if settings.tls else None),
         ("tls.key_file", settings.tls.key_file if settings.tls else None),

@@ -18,18 +18,26 @@ A hash chain without a key shows an edit, deletion, insertion or reordering unle
 editor rewrites every later line too, and it cannot show the loss of the final lines;
 `verify` prints the chain head (seq and hash) so it can be compared with a copy kept
 elsewhere (the stdout sink shipped to a log collector is such a copy).
+
+Several replicas. Each replica writes its own chain (`{replica}` in `audit.path`), and
+when the gate runs as several (`redis` set, or that placeholder) every line carries
+`replica`, so merged copies (a collector's) can be split per chain again. A replica
+claims its file with a lock beside it and refuses to start when another process holds
+it: two writers of one chain would fork it. `audit_chains` verifies a folder of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import glob
 import gzip
 import hashlib
 import json
 import logging
 import os
+import socket
 import stat
 import sys
 import time
@@ -46,7 +54,7 @@ from typing import IO, Any, BinaryIO, Literal, Protocol
 from proxy.errors import ServiceUnavailable
 from proxy.observability.metrics import Metrics
 from proxy.policy.principal import ANONYMOUS, Principal
-from proxy.settings import AuditSettings
+from proxy.settings import AuditSettings, Settings
 from proxy.storage.durable_files import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -296,15 +304,25 @@ class AuditUnavailable(ServiceUnavailable):
         )
 
 
-def _recovery(torn: bytes) -> dict[str, Any]:
+def _recovery(torn: bytes, replica: str | None) -> dict[str, Any]:
     """The fields of the record that accounts for the bytes of an interrupted write."""
-    recovery = AuditRecord(
-        event=Event.RECOVERY,
-        reason="a write was interrupted (crash, power loss or a full disk); "
-        "the bytes in `torn` precede this record",
-    ).to_dict()
+    recovery = _stamped(
+        AuditRecord(
+            event=Event.RECOVERY,
+            reason="a write was interrupted (crash, power loss or a full disk); "
+            "the bytes in `torn` precede this record",
+        ).to_dict(),
+        replica,
+    )
     recovery["torn"] = {"length": len(torn), "sha256": _sha256(torn)}
     return recovery
+
+
+def _stamped(fields: dict[str, Any], replica: str | None) -> dict[str, Any]:
+    """`fields` naming the replica whose chain they join (when the gate runs as several)."""
+    if replica is not None:
+        fields["replica"] = replica
+    return fields
 
 
 def _torn_prefix(torn: bytes) -> bytes:
@@ -371,8 +389,12 @@ class _ChainedFile:
     own size limit, or bytes written by someone else are each handled before the next line.
     """
 
-    def __init__(self, path: Path, *, rotate_bytes: int | None, fsync: bool) -> None:
+    def __init__(
+        self, path: Path, *, rotate_bytes: int | None, fsync: bool, replica: str | None = None
+    ) -> None:
         self.path = path.absolute()  # `prev_file` hints must outlive a change of directory
+        self._replica = replica
+        self._lock_fd: int | None = None
         self._rotate_bytes = rotate_bytes
         self._fsync = fsync
         self._fd: int | None = None
@@ -381,6 +403,45 @@ class _ChainedFile:
         self._dirty = False  # a write failed: the file, not memory, says where the chain is
         self._hint: dict[str, Any] | None = None  # `prev_file` of the next record
         self._torn: bytes | None = None  # damaged tail to account for before the next record
+
+    def lock(self) -> None:
+        """Claim the file for this process: a second writer would fork the chain.
+
+        An advisory lock on a hidden file beside it (`.<name>.lock`), held until
+        `release`; the kernel drops it when the process dies, so a crash leaves no stale
+        lock. It is what stops two replicas configured with one `replica.id` (or one
+        `audit.path` without `{replica}` on a shared volume) from writing one file.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise AuditLogError(
+                f"{self.path}: another process writes this audit log ({holder}); two writers "
+                "would fork its hash chain. Give each replica its own replica.id and put "
+                "{replica} in audit.path"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        who = f"pid {os.getpid()} on {socket.gethostname()}"
+        if self._replica is not None:
+            who += f", replica {self._replica}"
+        with contextlib.suppress(OSError):  # the holder's name is only for the message
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, who.encode() + b"\n", 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Close the file and give up the claim on it."""
+        self.close()
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)
 
     def sync(self, head: _Head) -> _Head:
         """Reconcile with the file on disk before a batch; returns the head to continue."""
@@ -492,7 +553,8 @@ class _ChainedFile:
         lines: list[bytes] = []
         if self._torn is not None:
             torn = self._torn
-            line, head = self._append_line(_recovery(torn), head, prefix=_torn_prefix(torn))
+            recovery = _recovery(torn, self._replica)
+            line, head = self._append_line(recovery, head, prefix=_torn_prefix(torn))
             self._torn = None
             lines.append(line)
         line, head = self._append_line(fields, head)
@@ -581,10 +643,16 @@ class AuditLog:
         queue_wait: float = 2.0,
         stall_after: float = 10.0,
         metrics: Metrics | None = None,
+        replica: str | None = None,
     ) -> None:
         self._file = (
-            None if path is None else _ChainedFile(path, rotate_bytes=rotate_bytes, fsync=fsync)
+            None
+            if path is None
+            else _ChainedFile(path, rotate_bytes=rotate_bytes, fsync=fsync, replica=replica)
         )
+        # Set when the gate runs as several replicas: every line names its chain, so a
+        # collector merging the stdout of all replicas can split them again.
+        self._replica = replica
         self._sinks = list(sinks)
         self._queue_size = queue_size
         self._batch_size = batch_size
@@ -611,12 +679,36 @@ class AuditLog:
         *,
         metrics: Metrics | None = None,
         stdout: BinaryIO | IO[bytes] | None = None,
+        replica: str | None = None,
     ) -> AuditLog:
-        """The audit log configured by `audit:` in gate.yaml (`path`, `stdout`, `on_failure`)."""
+        """The audit log configured by `audit:` in gate.yaml (`path`, `stdout`, `on_failure`).
+
+        `replica` (this process's `replica.id`, when it is one of several) replaces
+        `{replica}` in the path and is recorded in every line; a path with `{replica}`
+        needs it.
+        """
         sinks: list[LineSink] = []
         if settings.stdout:
             sinks.append(StreamSink(stdout if stdout is not None else sys.stdout.buffer))
-        return cls(path=settings.path, sinks=sinks, on_failure=settings.on_failure, metrics=metrics)
+        if settings.per_replica and replica is None:
+            raise ValueError("audit.path names {replica}: pass the replica id")
+        path = None if replica is None else settings.file_for(replica)
+        return cls(
+            path=settings.path if path is None else path,
+            sinks=sinks,
+            on_failure=settings.on_failure,
+            metrics=metrics,
+            replica=replica,
+        )
+
+    @classmethod
+    def for_gate(cls, settings: Settings, *, metrics: Metrics | None = None) -> AuditLog:
+        """The gate's audit log: its lines name the replica when the gate runs as several
+        (shared state in `redis`, or `{replica}` in `audit.path`)."""
+        several = settings.redis is not None or settings.audit.per_replica
+        return cls.from_settings(
+            settings.audit, metrics=metrics, replica=settings.replica.id if several else None
+        )
 
     @property
     def enabled(self) -> bool:
@@ -671,7 +763,16 @@ class AuditLog:
             chained = self._file
 
             def open_file() -> None:
-                self._head = chained.sync(self._head)
+                # One of several replicas: its chain is its own, so a second writer is a
+                # misconfiguration. A single gate keeps continuing what another writer
+                # appended (a one-off command) rather than refusing it.
+                if self._replica is not None:
+                    chained.lock()
+                try:
+                    self._head = chained.sync(self._head)
+                except BaseException:
+                    chained.release()
+                    raise
 
             try:
                 await loop.run_in_executor(self._executor, open_file)
@@ -836,14 +937,14 @@ class AuditLog:
             if self._file is not None:
                 self._head = self._file.sync(self._head)
             while batch:
-                fields = batch[0].to_dict()
+                fields = _stamped(batch[0].to_dict(), self._replica)
                 if self._file is not None:
                     lines, self._head = self._file.append(fields, self._head)
                 else:
                     lines = []
                     torn: bytes = getattr(primary, "torn", b"")
                     if primary is not None and torn:
-                        line, head = _seal(_recovery(torn), self._head)
+                        line, head = _seal(_recovery(torn, self._replica), self._head)
                         primary.write(_torn_prefix(torn) + line)
                         self._head = head
                         lines.append(line)
@@ -876,7 +977,7 @@ class AuditLog:
 
     def _close_sinks(self) -> None:
         if self._file is not None:
-            self._file.close()
+            self._file.release()
         for sink in self._sinks:
             sink.close()
 

@@ -154,12 +154,111 @@ mistakes that would otherwise only show as a crash-looping pod.
 {{- range .Values.extraEnv }}
 {{- $_ = set $provided .name true }}
 {{- end }}
+{{- include "registry-gate.scaleOutConfig" (dict "root" $root "cfg" $cfg "provided" $provided) }}
 {{- range $upstream := get $cfg "upstreams" | default list }}
 {{- if and $upstream.password_env (not (hasKey $provided $upstream.password_env)) }}
 {{- fail (printf "config.upstreams (%s): password_env %s is not provided; add it to upstreamCredentials" $upstream.registry $upstream.password_env) }}
 {{- end }}
 {{- end }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+Several replicas as one gate (README "Running several replicas"): the cache in an S3
+bucket (config.storage.backend s3), shared state in Redis (config.redis). Mutates the
+gate.yaml being built (`cfg`): the S3 keys and the Redis password come from environment
+variables the pod sets from Secrets (`provided` gains their names). Refuses several
+replicas on the filesystem backend: each would keep its own cache and short-name pins.
+*/}}
+{{- define "registry-gate.scaleOutConfig" -}}
+{{- $root := .root }}
+{{- $cfg := .cfg }}
+{{- $provided := .provided }}
+{{- $values := $root.Values }}
+{{- $shared := include "registry-gate.sharedStorage" $root }}
+{{- $storage := get $cfg "storage" }}
+{{- $redis := deepCopy (get $cfg "redis" | default dict) }}
+{{- if gt (int $values.replicaCount) 1 }}
+{{- if not $shared }}
+{{- fail (printf "replicaCount %d needs shared storage: set config.storage.backend: s3 (with config.storage.s3) and config.redis.url (README \"Running several replicas\"); on the filesystem backend every replica keeps its own cache and short-name pins" (int $values.replicaCount)) }}
+{{- end }}
+{{- if not (get $redis "url") }}
+{{- fail (printf "replicaCount %d needs config.redis.url: the replicas share tags, pins, cache accounting and fills through Redis" (int $values.replicaCount)) }}
+{{- end }}
+{{- if not $values.uploadSecret.existingSecret }}
+{{- fail (printf "replicaCount %d needs uploadSecret.existingSecret: an upload session started on one replica continues on another" (int $values.replicaCount)) }}
+{{- end }}
+{{- end }}
+{{- if $shared }}
+{{- $s3 := deepCopy (get $storage "s3" | default dict) }}
+{{- if not (get $s3 "bucket") }}
+{{- fail "config.storage.backend s3 needs config.storage.s3 (endpoint, bucket, region, ...)" }}
+{{- end }}
+{{- if $values.s3Credentials.existingSecret }}
+{{- range $key := list "access_key_env" "secret_key_env" "access_key_file" "secret_key_file" }}
+{{- if hasKey $s3 $key }}
+{{- fail (printf "config.storage.s3.%s and s3Credentials.existingSecret are both set; keep one" $key) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $s3 "access_key_env" "S3_ACCESS_KEY" }}
+{{- $_ = set $s3 "secret_key_env" "S3_SECRET_KEY" }}
+{{- $_ = set $provided "S3_ACCESS_KEY" true }}
+{{- $_ = set $provided "S3_SECRET_KEY" true }}
+{{- end }}
+{{- range $key := list "access_key_env" "secret_key_env" }}
+{{- $name := get $s3 $key }}
+{{- if and $name (not (hasKey $provided $name)) }}
+{{- fail (printf "config.storage.s3.%s %s is not provided; set s3Credentials.existingSecret (or add it to extraEnv)" $key $name) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $storage "s3" $s3 }}
+{{- if hasKey $cfg "replica" }}
+{{- fail "config.replica is set by the chart: replica.id is the pod name, replica.peer_url the pod IP" }}
+{{- end }}
+{{- $audit := get $cfg "audit" | default dict }}
+{{- $auditPath := toString (get $audit "path" | default "") }}
+{{- if and $auditPath (not (contains "{replica}" $auditPath)) }}
+{{- fail (printf "config.audit.path %s would be written by every replica: put {replica} in it (one hash chain per replica) or use config.audit.stdout" $auditPath) }}
+{{- end }}
+{{- else if eq (toString (get $storage "backend" | default "filesystem")) "filesystem" }}
+{{- if $values.s3Credentials.existingSecret }}
+{{- fail "s3Credentials.existingSecret is set but config.storage.backend is not s3" }}
+{{- end }}
+{{- end }}
+{{- if $values.redisPassword.existingSecret }}
+{{- if not (get $redis "url") }}
+{{- fail "redisPassword.existingSecret is set but config.redis.url is not" }}
+{{- end }}
+{{- range $key := list "password_env" "password_file" }}
+{{- if hasKey $redis $key }}
+{{- fail (printf "config.redis.%s and redisPassword.existingSecret are both set; keep one" $key) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $redis "password_env" "REDIS_PASSWORD" }}
+{{- $_ = set $provided "REDIS_PASSWORD" true }}
+{{- end }}
+{{- if and (get $redis "password_env") (not (hasKey $provided (get $redis "password_env"))) }}
+{{- fail (printf "config.redis.password_env %s is not provided; set redisPassword.existingSecret (or add it to extraEnv)" (get $redis "password_env")) }}
+{{- end }}
+{{- if $redis }}
+{{- $_ := set $cfg "redis" $redis }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the cache is shared by the replicas (config.storage.backend s3), else "".
+*/}}
+{{- define "registry-gate.sharedStorage" -}}
+{{- $storage := (.Values.config | default dict).storage | default dict }}
+{{- if eq (toString (get $storage "backend")) "s3" }}true{{ end }}
+{{- end }}
+
+{{/*
+The workload kind: a Deployment when the cache is shared (nothing per pod to keep),
+else workload.kind.
+*/}}
+{{- define "registry-gate.kind" -}}
+{{- if include "registry-gate.sharedStorage" . }}Deployment{{ else }}{{ .Values.workload.kind }}{{ end }}
 {{- end }}
 
 {{- define "registry-gate.listenHost" -}}
@@ -270,6 +369,39 @@ spec:
             secretKeyRef:
               name: {{ .Values.uploadSecret.existingSecret }}
               key: {{ .Values.uploadSecret.key }}
+        {{- end }}
+        {{- if include "registry-gate.sharedStorage" . }}
+        # This pod as one replica: its audit chain and fill leases are named after the
+        # pod, and the other replicas reach it at its pod IP.
+        - name: REGISTRY_GATE_REPLICA__ID
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        - name: REGISTRY_GATE_REPLICA__PEER_URL
+          value: {{ printf "%s://%s:%d" (include "registry-gate.scheme" . | lower) (ternary "[$(POD_IP)]" "$(POD_IP)" (contains ":" .Values.listenAddress)) (int .Values.containerPort) | quote }}
+        {{- with .Values.s3Credentials.existingSecret }}
+        - name: S3_ACCESS_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ . }}
+              key: {{ $.Values.s3Credentials.accessKeyKey }}
+        - name: S3_SECRET_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ . }}
+              key: {{ $.Values.s3Credentials.secretKeyKey }}
+        {{- end }}
+        {{- end }}
+        {{- with .Values.redisPassword.existingSecret }}
+        - name: REDIS_PASSWORD
+          valueFrom:
+            secretKeyRef:
+              name: {{ . }}
+              key: {{ $.Values.redisPassword.key }}
         {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
@@ -386,9 +518,21 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with .Values.topologySpreadConstraints }}
+  {{- if .Values.topologySpreadConstraints }}
   topologySpreadConstraints:
-    {{- toYaml . | nindent 4 }}
+    {{- toYaml .Values.topologySpreadConstraints | nindent 4 }}
+  {{- else if and (include "registry-gate.sharedStorage" .) (gt (int .Values.replicaCount) 1) }}
+  # Replicas of one gate: spread over nodes and zones, so a node drain or a zone outage
+  # leaves some serving (ScheduleAnyway: a small cluster still schedules them all).
+  topologySpreadConstraints:
+    {{- range $key := list "kubernetes.io/hostname" "topology.kubernetes.io/zone" }}
+    - maxSkew: 1
+      topologyKey: {{ $key }}
+      whenUnsatisfiable: ScheduleAnyway
+      labelSelector:
+        matchLabels:
+          {{- include "registry-gate.selectorLabels" $ | nindent 10 }}
+    {{- end }}
   {{- end }}
 {{- end }}
 
@@ -397,7 +541,7 @@ Where the cache volume comes from: "claimTemplate" (StatefulSet with persistence
 "pvc" (Deployment with persistence: existingClaim or the chart's PVC) or "emptyDir".
 */}}
 {{- define "registry-gate.cacheVolumeSource" -}}
-{{- if not .Values.persistence.enabled }}emptyDir
+{{- if or (not .Values.persistence.enabled) (include "registry-gate.sharedStorage" .) }}emptyDir
 {{- else if eq .Values.workload.kind "StatefulSet" }}
 {{- if .Values.persistence.existingClaim }}
 {{- fail "persistence.existingClaim is for workload.kind Deployment; a StatefulSet gets a PVC per replica" }}
