@@ -22,10 +22,10 @@ from proxy.errors import (
     RegistryError,
     Unsupported,
 )
-from proxy.http.middleware import API_VERSION_HEADER, request_context
+from proxy.http.middleware import API_VERSION_HEADER, request_context, v2_route_of
 from proxy.http.ranges import content_range, parse_range
 from proxy.http.request_bodies import body_deadline
-from proxy.names.addressing import Target, V2Route, locate, parse_v2_path
+from proxy.names.addressing import Target, V2Route, locate
 from proxy.names.references import (
     Repository,
     is_digest,
@@ -49,7 +49,7 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
     if "%" in raw_path or "/../" in raw_path or "//" in raw_path[4:]:
         # Encoded slashes or dot segments would make the name mean something else upstream.
         raise NameInvalid("invalid characters in the request path")
-    route = parse_v2_path(request.match_info["tail"])
+    route = v2_route_of(request)
     if route is None:
         raise NameUnknown("no such endpoint")
     services = request.app[SERVICES]

@@ -8,6 +8,7 @@ audit sinks (stdout when configured), which is why logs go to stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -48,8 +49,10 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", logging.INFO, "", 0, "
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def is_secret_name(name: str) -> bool:
-    """Whether a header or field with this name holds a credential."""
+    """Whether a header or field with this name holds a credential (names repeat: every
+    log line asks about the same `extra=` keys, so the answers are remembered)."""
     lowered = name.lower()
     return lowered in _SECRET_NAMES or _SECRET_PATTERN.search(lowered) is not None
 
@@ -119,9 +122,15 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _timestamp(created: float) -> str:
-    moment = datetime.fromtimestamp(created, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # Lines come many per second: the date and time are formatted once per second.
+    whole = int(created)
+    return f"{_second(whole)}.{int((created - whole) * 1000):03d}Z"
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
