@@ -743,3 +743,9 @@ def test_token_realm_prefers_auth_realm_then_public_url(tmp_path: Path) -> None:
         with_(_ONE_UPSTREAM, public_url="https://r.example.com", auth={"realm": realm}),
     )
     assert both.token_realm("http", "10.0.0.5:5000") == realm
+
+
+def test_event_loop_is_asyncio_unless_uvloop_is_chosen(tmp_path: Path) -> None:
+    assert load(tmp_path, MINIMAL).event_loop == "asyncio"
+    assert load(tmp_path, with_(MINIMAL, event_loop="uvloop")).event_loop == "uvloop"
+    assert "event_loop" in error_of(tmp_path, with_(MINIMAL, event_loop="trio"))
