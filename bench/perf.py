@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.cache_vs_distribution import PullThroughCache, load  # noqa: E402
+from bench.cache_vs_distribution import PullThroughCache, load, peak_rss_mib  # noqa: E402
 from bench.load import resources  # noqa: E402
 from tests.support.gate import GateProcess  # noqa: E402
 from tests.support.images import (  # noqa: E402
@@ -102,19 +102,9 @@ def cpu_seconds(pid: int | None) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    # Fields 14 and 15 of stat(5) (utime, stime); [1:] of the tail starts at field 3.
+    # Fields 14 and 15 of proc_pid_stat(5) (utime, stime); the text after the command
+    # name's closing parenthesis starts at field 3.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def peak_rss_mib(pid: int | None) -> float:
-    if pid is None:
-        return float("nan")
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return float("nan")
-    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
-    return int(line.split()[1]) / 1024
 
 
 # -- load -------------------------------------------------------------------------------------
