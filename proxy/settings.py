@@ -567,6 +567,9 @@ class Settings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: text when stderr is a terminal, JSON otherwise (collectors, containers).
     log_format: Literal["auto", "json", "text"] = "auto"
+    # The event loop `serve` runs on (README, Measurements: asyncio keeps sendfile for
+    # cached blobs; uvloop serves small requests faster but copies blobs through Python).
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
     @field_validator("listen")
     @classmethod

@@ -228,3 +228,32 @@ def test_label_helpers() -> None:
     assert is_docker_user_agent("Docker/20.10.7")
     assert not is_docker_user_agent("buildkit/v0.12")
     assert not is_docker_user_agent("")
+
+
+def test_bound_children_count_like_labels_each_time() -> None:
+    """observe_request/observe_decision/bound keep label children; the counts they
+    produce are the ones asking `labels()` every time would."""
+    metrics = Metrics(process_collectors=False)
+    for _ in range(3):
+        metrics.observe_request("manifest", "GET", 200, 0.01)
+        metrics.observe_request("manifest", "HEAD", 200, 0.01)
+        metrics.observe_request("blob", "GET", 404, 0.01)
+        metrics.observe_request("blob", "brew", 200, 0.01)
+        metrics.observe_request("blob", "PROPFIND", 200, 0.01)  # folds into "other" too
+        metrics.observe_decision("pull", "allow", None)
+        metrics.bound(metrics.cache_hits, "tag").inc()
+    values = samples(metrics)
+
+    def requests(route: str, method: str, status: str) -> float:
+        labels = frozenset({("route", route), ("method", method), ("status", status)})
+        return values["registry_gate_requests_total", labels]
+
+    assert requests("manifest", "GET", "200") == 3
+    assert requests("manifest", "HEAD", "200") == 3
+    assert requests("blob", "GET", "404") == 3
+    assert requests("blob", "other", "200") == 6
+    decisions = frozenset({("action", "pull"), ("decision", "allow"), ("rule", "default")})
+    assert values["registry_gate_policy_decisions_total", decisions] == 3
+    assert values["registry_gate_cache_hits_total", frozenset({("kind", "tag")})] == 3
+    duration = frozenset({("route", "manifest"), ("method", "GET")})
+    assert values["registry_gate_request_duration_seconds_count", duration] == 3

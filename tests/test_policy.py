@@ -668,3 +668,44 @@ def test_indexed_decisions_agree_with_naive_first_match(
         got = policy.decide(principal, action, repo(name), "1")
         want = naive(policy, principal, action, repo(name))
         assert (got.allowed, got.rule, got.audit_rule) == (want.allowed, want.rule, want.audit_rule)
+
+
+# --- remembered decisions (issue 13: the warm path asks the same question again) --------
+
+
+def test_a_remembered_decision_is_the_one_deciding_afresh_gives() -> None:
+    text = """
+        rules:
+          - {name: alice-only, match: "quay.io/a/*", allow: true, users: [alice]}
+          - {name: no-latest, match: "**", allow: true, deny_tags: [latest]}
+        """
+    remembered, fresh_policy = policy_of(text), policy_of(text)
+    asks = [
+        (principal, action, repo(name), tag, digest)
+        for principal in (ALICE_PLATFORM, BOB, ANONYMOUS)
+        for action in ("pull", "push")
+        for name in ("quay.io/a/b", "docker.io/library/x")
+        for tag, digest in (("1", None), ("latest", None), (None, DIGEST), (None, None))
+    ]
+    # Asked twice in an interleaved order: the second answers come from the memo, and a
+    # memo keyed on too little (e.g. not the principal or the tag) would answer wrongly.
+    for ask in asks + asks[::-1]:
+        assert remembered.decide(*ask) == fresh_policy._decide(*ask), ask
+    assert remembered.decide(BOB, "pull", repo("quay.io/a/b"), "1").rule_name == "no-latest"
+    assert not remembered.decide(BOB, "pull", repo("quay.io/a/b"), "latest").allowed
+    assert remembered.decide(ALICE_PLATFORM, "pull", repo("quay.io/a/b"), "latest").allowed
+
+
+def test_a_new_policy_does_not_inherit_the_old_ones_decisions() -> None:
+    before = policy_of("rules:\n  - {name: open, match: '**', allow: true}")
+    assert before.decide(ANONYMOUS, "pull", repo("quay.io/a/b"), "1").allowed
+    after = policy_of("rules:\n  - {name: shut, match: '**', allow: false}")
+    decision = after.decide(ANONYMOUS, "pull", repo("quay.io/a/b"), "1")
+    assert not decision.allowed and decision.rule_name == "shut"
+
+
+def test_the_memo_is_bounded() -> None:
+    policy = policy_of("rules:\n  - {name: open, match: '**', allow: true}")
+    for index in range(policy._decisions.maxsize + 50):
+        policy.decide(ANONYMOUS, "pull", repo("quay.io/a/b"), f"t{index}")
+    assert len(policy._decisions) == policy._decisions.maxsize

@@ -763,3 +763,9 @@ def test_redis_key_prefix(tmp_path: Path) -> None:
         tmp_path, with_(shared, redis={"url": "redis://redis:6379/0", "key_prefix": "gate/b:"})
     )
     assert settings.redis is not None and settings.redis.key_prefix == "gate/b:"
+
+
+def test_event_loop_is_asyncio_unless_uvloop_is_chosen(tmp_path: Path) -> None:
+    assert load(tmp_path, MINIMAL).event_loop == "asyncio"
+    assert load(tmp_path, with_(MINIMAL, event_loop="uvloop")).event_loop == "uvloop"
+    assert "event_loop" in error_of(tmp_path, with_(MINIMAL, event_loop="trio"))

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -98,9 +98,22 @@ def serve(settings: Settings) -> None:
         # tries what start-up opens (folders, TLS files), so neither fails half-started.
         services = build_services(settings)
         preflight(settings)
-        asyncio.run(_serve(settings, services))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+            runner.run(_serve(settings, services))
     except ConfigError as exc:
         raise _config_error(exc) from exc
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory for `settings.event_loop` (None: asyncio's default loop)."""
+    if name != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError as exc:
+        raise ConfigError("event_loop: uvloop is not installed (pip install uvloop)") from exc
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _start(
@@ -151,7 +164,11 @@ async def _starting(settings: Settings, opening: Awaitable[None]) -> None:
 
 async def _serve(settings: Settings, services: Services) -> None:
     app, runners = await _start(settings, services)
-    log.info("registry-gate listening on %s", settings.listen)
+    log.info(
+        "registry-gate listening on %s",
+        settings.listen,
+        extra={"event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -190,7 +190,8 @@ class PullThrough:
 
     def _count(self, kind: str, hit: bool) -> None:
         if self.metrics is not None:
-            (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(kind).inc()
+            metrics = self.metrics
+            metrics.bound(metrics.cache_hits if hit else metrics.cache_misses, kind).inc()
 
     def fill_finished(self, digest: str, upstream: str, outcome: str, received: int) -> None:
         """Fill observer: count failed fills against the registry the request addressed

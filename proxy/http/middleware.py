@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from proxy.auth.authenticator import METHOD_ACTIONS
 from proxy.errors import RegistryError
-from proxy.names.addressing import parse_v2_path
+from proxy.names.addressing import V2Route, parse_v2_path
 from proxy.observability.logging_setup import request_id_bound
 from proxy.policy.gatekeeper import AuditTrail, RequestContext
 from proxy.policy.principal import ANONYMOUS
@@ -41,6 +41,14 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})
 # Audit names are bounded: an unparsable path is recorded, but not at any length.
 _MAX_AUDITED_PATH = 256
+_V2_ROUTE = "v2_route"
+
+
+def new_request_id() -> str:
+    """A fresh random 32-hex-digit request id: 128 random bits, as uuid4().hex carried,
+    at a quarter of its cost (no UUID object); random, so an id tells a client nothing
+    about how many requests the gate served."""
+    return secrets.token_hex(16)
 
 
 def error_response(error: RegistryError, request_id: str) -> web.Response:
@@ -81,13 +89,25 @@ def request_context(request: web.Request) -> RequestContext:
     )
 
 
+def v2_route_of(request: web.Request) -> V2Route | None:
+    """The `/v2/<name>/...` endpoint of the request, parsed once per request (the auth
+    middleware, the dispatcher and the metrics label all ask); None for other paths."""
+    try:
+        route: V2Route | None = request[_V2_ROUTE]
+    except KeyError:
+        path = request.path
+        route = parse_v2_path(path[4:]) if path.startswith("/v2/") and len(path) > 4 else None
+        request[_V2_ROUTE] = route
+    return route
+
+
 def route_label(request: web.Request) -> str:
     """A bounded label for the endpoint of a request (never a name or digest)."""
     path = request.path
     if path in ("/v2", "/v2/"):
         return "v2"
     if path.startswith("/v2/"):
-        route = parse_v2_path(path[4:])
+        route = v2_route_of(request)
         return route.kind if route is not None else "unknown"
     if path in ("/token", "/metrics", "/healthz", "/readyz"):
         return path[1:]
@@ -98,7 +118,7 @@ def route_label(request: web.Request) -> str:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Assign a request id, render errors as OCI JSON, audit refused writes, count."""
     # The gate's id is always its own: a client must not choose what audit records say.
-    request["request_id"] = uuid.uuid4().hex
+    request["request_id"] = new_request_id()
     incoming = request.headers.get("X-Request-Id", "")
     if _CLIENT_REQUEST_ID.fullmatch(incoming):
         request["client_request_id"] = incoming
@@ -205,8 +225,7 @@ def _http_error(code: str, status: int, message: str) -> RegistryError:
 def _scope_for(request: web.Request) -> tuple[str | None, str | None, str]:
     """(repository name, scope string, action) a `/v2/` request needs from its token."""
     action = METHOD_ACTIONS.get(request.method, "pull")
-    tail = request.match_info.get("tail", "")
-    route = parse_v2_path(tail) if tail and request.path != "/v2/" else None
+    route = v2_route_of(request)
     if route is None:
         return None, None, action
     if route.kind == "upload" and action == "delete":

@@ -23,9 +23,9 @@ from proxy.errors import (
     Unsupported,
 )
 from proxy.http.blob_responses import blob_response
-from proxy.http.middleware import API_VERSION_HEADER, request_context
+from proxy.http.middleware import API_VERSION_HEADER, request_context, v2_route_of
 from proxy.http.request_bodies import body_deadline
-from proxy.names.addressing import Target, V2Route, locate, parse_v2_path
+from proxy.names.addressing import Target, V2Route, locate
 from proxy.names.references import (
     is_digest,
     validate_digest,
@@ -48,7 +48,7 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
     if "%" in raw_path or "/../" in raw_path or "//" in raw_path[4:]:
         # Encoded slashes or dot segments would make the name mean something else upstream.
         raise NameInvalid("invalid characters in the request path")
-    route = parse_v2_path(request.match_info["tail"])
+    route = v2_route_of(request)
     if route is None:
         raise NameUnknown("no such endpoint")
     services = request.app[SERVICES]

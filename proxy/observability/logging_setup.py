@@ -8,6 +8,7 @@ audit sinks (stdout when configured), which is why logs go to stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -48,8 +49,10 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", logging.INFO, "", 0, "
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def is_secret_name(name: str) -> bool:
-    """Whether a header or field with this name holds a credential."""
+    """Whether a header or field with this name holds a credential (names repeat: every
+    log line asks about the same `extra=` keys, so the answers are remembered)."""
     lowered = name.lower()
     return lowered in _SECRET_NAMES or _SECRET_PATTERN.search(lowered) is not None
 
@@ -77,10 +80,15 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 def _scrub(name: str, value: Any) -> Any:
     """An `extra=` value made safe: secret-named strings redacted, mappings recursively."""
+    if isinstance(value, str | bytes):
+        if is_secret_name(name):
+            return _redact_value(name, value if isinstance(value, str) else "")
+        return value
+    if value is None or isinstance(value, int | float):
+        # The common extras, answered before the (slow, abstract) Mapping check.
+        return value
     if isinstance(value, Mapping):
         return {str(key): _scrub(str(key), item) for key, item in value.items()}
-    if isinstance(value, str | bytes) and is_secret_name(name):
-        return _redact_value(name, value if isinstance(value, str) else "")
     return value
 
 
@@ -119,17 +127,31 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _timestamp(created: float) -> str:
-    moment = datetime.fromtimestamp(created, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # Lines come many per second: the date and time are formatted once per second.
+    whole = int(created)
+    return f"{_second(whole)}.{int((created - whole) * 1000):03d}Z"
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = vars(record)
+    if fields.keys() <= _RECORD_ATTRIBUTES:
+        return {}
+    # Kept in the order they were given (a set difference would shuffle them).
     return {
         key: _scrub(key, value)
-        for key, value in vars(record).items()
+        for key, value in fields.items()
         if key not in _RECORD_ATTRIBUTES and not key.startswith("_")
     }
+
+
+# One encoder for every line (json.dumps with options builds a new one per call).
+_JSON = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 class JsonFormatter(logging.Formatter):
@@ -151,7 +173,7 @@ class JsonFormatter(logging.Formatter):
             document["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             document["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(document, default=str, ensure_ascii=False)
+        return _JSON.encode(document)
 
 
 class TextFormatter(logging.Formatter):
@@ -205,6 +227,10 @@ def configure_logging(
     handler = _GateHandler(target)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
+    # No formatter here prints the thread, process or source line of a record: skip
+    # looking them up for every line (logging HOWTO, "Optimization").
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     root = logging.getLogger()
     for existing in list(root.handlers):
         if isinstance(existing, _GateHandler):

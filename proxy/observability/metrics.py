@@ -52,6 +52,9 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 DEFAULT_RULE = "default"
 _RATELIMIT = re.compile(r"\s*(\d+)\s*(?:;(.*))?")
 _WINDOW = re.compile(r"(?:^|;)\s*w\s*=\s*(\d+)\s*(?:;|$)")
+# Label children bound per label-value tuple at most (label values are bounded anyway;
+# past this, `labels()` is asked each time, as before binding).
+_MAX_BOUND = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,9 @@ class Metrics:
     def __init__(self, *, process_collectors: bool = True, version: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._decision_children: dict[tuple[str, str, str | None], Counter] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         if process_collectors:
             # The default registry would carry these; a private registry must add them.
             ProcessCollector(registry=registry)
@@ -353,9 +359,21 @@ class Metrics:
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one client request (`route` is the route template name, never a path)."""
-        method = method_label(method)
-        self.requests.labels(route, method, status_label(status)).inc()
-        self.request_duration.labels(route, method).observe(seconds)
+        key = (route, method, status)
+        bound = self._request_children.get(key)
+        if bound is None:
+            # Bound once per (route, method, status): `labels()` takes a lock and builds
+            # tuples on every call, which the per-request path should not pay. All three
+            # are bounded (route names, API methods, statuses), so this stays small.
+            label = method_label(method)
+            bound = (
+                self.requests.labels(route, label, status_label(status)),
+                self.request_duration.labels(route, label),
+            )
+            if len(self._request_children) < _MAX_BOUND:
+                self._request_children[key] = bound
+        bound[0].inc()
+        bound[1].observe(seconds)
 
     def observe_upstream(
         self, upstream: str, method: str, status: int | None, seconds: float
@@ -366,7 +384,24 @@ class Metrics:
 
     def observe_decision(self, action: str, decision: str, rule: str | None) -> None:
         """Count one policy decision; `rule` None means the default decision applied."""
-        self.policy_decisions.labels(action, decision, rule or DEFAULT_RULE).inc()
+        key = (action, decision, rule)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self.policy_decisions.labels(action, decision, rule or DEFAULT_RULE)
+            if len(self._decision_children) < _MAX_BOUND:
+                self._decision_children[key] = child
+        child.inc()
+
+    def bound(self, metric: Counter, *labels: str) -> Counter:
+        """`metric.labels(*labels)`, bound once and kept (for per-request counters whose
+        label values are bounded: cache hit kinds, served-bytes sources)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < _MAX_BOUND:
+                self._children[key] = child
+        return child
 
     def observe_denial(self, action: str, user_agent: str | None) -> None:
         """Note a denial answered to a client; counted when the client is a Docker daemon."""

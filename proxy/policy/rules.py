@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.errors import Denied, RegistryError
@@ -390,6 +391,12 @@ def _reference_text(repository: Repository, tag: str | None, digest: str | None)
     return text
 
 
+# Decisions one policy remembers (principal, action, repository, tag, digest): a pull is a
+# manifest and its blobs, asked again and again; bounded, least recently used dropped.
+DECISION_MEMORY = 16384
+_DecisionKey = tuple[Principal, str, Repository, str | None, str | None]
+
+
 class Policy:
     """A validated, merged policy. Immutable once built; share it freely between requests."""
 
@@ -428,6 +435,9 @@ class Policy:
         ] = {}
         self._users = frozenset(u for r in self.rules for u in r.users)
         self._groups = frozenset(g for r in self.rules for g in r.groups)
+        # Decisions remembered for this policy (it never changes; a reload builds a new
+        # Policy, so a memo never outlives the rules it came from).
+        self._decisions: LRUCache[_DecisionKey, Decision] = LRUCache(DECISION_MEMORY)
 
     def __repr__(self) -> str:
         return f"<Policy {self.fingerprint} rules={len(self.rules)} sources={list(self.sources)}>"
@@ -489,6 +499,21 @@ class Policy:
         decision is about the repository as a whole (token scopes, blobs, tag lists) and
         the tag conditions (`deny_tags`, `require_digest`) do not apply.
         """
+        key = (principal, action, repository, tag, digest)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._decide(principal, action, repository, tag, digest)
+            self._decisions[key] = decision
+        return decision
+
+    def _decide(
+        self,
+        principal: Principal,
+        action: str,
+        repository: Repository,
+        tag: str | None,
+        digest: str | None,
+    ) -> Decision:
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}")
         reference = _reference_text(repository, tag, digest)
