@@ -144,7 +144,12 @@ def test_the_gate_names_its_replica_only_when_it_runs_as_several(tmp_path: Path)
     single = Settings.model_validate({**base, "audit": {"path": str(tmp_path / "a.jsonl")}})
     assert AuditLog.for_gate(single)._replica is None
     shared = Settings.model_validate(
-        {**base, "audit": {"stdout": True}, "redis": {"url": "redis://127.0.0.1:6379/0"}}
+        {
+            **base,
+            "audit": {"stdout": True},
+            "redis": {"url": "redis://127.0.0.1:6379/0"},
+            "upload_secret": "s" * 32,
+        }
     )
     assert AuditLog.for_gate(shared)._replica == "r"
     with pytest.raises(ValueError, match="replica"):

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -250,7 +251,7 @@ def _policy_sources(rendered: Rendered) -> dict[str, str]:
 
 def test_gate_yaml_loads_with_the_gates_settings(scenario: tuple[str, Rendered]) -> None:
     _, rendered = scenario
-    settings = Settings.model_validate(yaml.safe_load(rendered.gate_yaml_text))
+    settings = pod_settings(rendered)
     port = rendered.values["containerPort"]
     assert settings.listen == f"0.0.0.0:{port}"
     assert str(settings.storage.path) == f"{DATA_DIR}/cache"
@@ -262,7 +263,7 @@ def test_policies_load_with_the_gates_policy_loader(
     scenario: tuple[str, Rendered], tmp_path: Path
 ) -> None:
     _, rendered = scenario
-    settings = Settings.model_validate(rendered.gate_yaml)
+    settings = pod_settings(rendered)
     files = []
     for name, content in _policy_sources(rendered).items():
         (tmp_path / name).write_text(content)
@@ -384,7 +385,7 @@ def test_the_grace_period_covers_the_whole_drain(scenario: tuple[str, Rendered])
     """The kubelet SIGKILLs at the grace period, counted from before the preStop sleep:
     it must cover that sleep and the gate's whole drain (shutdown_timeout)."""
     _, rendered = scenario
-    drain = Settings.model_validate(rendered.gate_yaml).shutdown_timeout
+    drain = pod_settings(rendered).shutdown_timeout
     grace = rendered.pod_spec["terminationGracePeriodSeconds"]
     assert grace >= rendered.values["preStopSleepSeconds"] + drain + 5
 
@@ -433,7 +434,7 @@ def test_volumes(scenario: tuple[str, Rendered]) -> None:
     # and every path the gate writes is on the cache volume.
     items = _projected_items(rendered)
     assert items["gate.yaml"] == ("configMap", FULLNAME, "gate.yaml")
-    settings = Settings.model_validate(rendered.gate_yaml)
+    settings = pod_settings(rendered)
     named = [*settings.policy.files, settings.auth.signing_key, settings.auth.htpasswd]
     if settings.tls is not None:
         named += [settings.tls.cert_file, settings.tls.key_file]
@@ -593,8 +594,23 @@ def pod_environment(container: dict[str, Any]) -> dict[str, str]:
             env[variable["name"]] = POD_FIELDS[source["fieldRef"]["fieldPath"]]
         else:
             ref = source["secretKeyRef"]
-            env[variable["name"]] = SCALE_OUT_SECRETS[ref["name"]][ref["key"]]
+            known = SCALE_OUT_SECRETS.get(ref["name"], {})
+            env[variable["name"]] = known.get(ref["key"], "placeholder-secret-0123456789abcdef")
     return env
+
+
+def pod_settings(rendered: Rendered) -> Settings:
+    """The settings the pod's gate loads: gate.yaml with the container's
+    `REGISTRY_GATE_*` overrides (upload secret, replica id and peer URL in scale-out)."""
+    overrides = {
+        name: value
+        for name, value in pod_environment(rendered.container).items()
+        if name.startswith("REGISTRY_GATE_")
+    }
+    with tempfile.TemporaryDirectory() as directory:
+        config = Path(directory) / "gate.yaml"
+        config.write_text(rendered.gate_yaml_text)
+        return load_settings(config, overrides)
 
 
 def test_scale_out_is_a_deployment_sharing_s3_and_redis(
@@ -676,7 +692,7 @@ def test_scale_out_audit_files_name_the_replica() -> None:
         SCENARIOS["scale-out"],
         {"config": {"audit": {"path": "/var/lib/registry-gate/audit/{replica}.jsonl"}}},
     )
-    settings = Settings.model_validate(render(values).gate_yaml)
+    settings = pod_settings(render(values))
     assert settings.audit.per_replica
     assert settings.audit_file is not None
 

@@ -189,8 +189,10 @@ async def test_eviction_under_the_cap_honours_leases_and_protected(backend: Back
 
 
 async def test_cache_full_when_nothing_can_go(backend: Backend) -> None:
-    store = await backend.blobs(max_size=2_500, protected=lambda: {a})
+    protected: set[str] = set()
+    store = await backend.blobs(max_size=2_500, protected=lambda: protected)
     a = await put(store, b"a" * 1000)
+    protected.add(a)
     b = await put(store, b"b" * 1000)
     async with store.lease(b):
         with pytest.raises(CacheFull) as full:
