@@ -17,7 +17,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -86,6 +86,17 @@ def read_secret(env: str | None, file: Path | None, where: str) -> str | None:
     return None
 
 
+def check_http_url(value: str) -> SplitResult:
+    """An http(s) URL with a host and nothing a setting must not carry (credentials, a
+    query, a fragment); ValueError says which."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError("must not carry credentials, a query or a fragment")
+    return parts
+
+
 class S3Settings(_Strict):
     """The S3-compatible object store the `s3` storage backend keeps content in."""
 
@@ -108,11 +119,7 @@ class S3Settings(_Strict):
     def _endpoint(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError("must not carry credentials, a query or a fragment")
+        check_http_url(value)
         return value.rstrip("/")
 
     @field_validator("prefix")
@@ -331,11 +338,7 @@ class UpstreamSettings(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError("must not carry credentials, a query or a fragment")
+        check_http_url(value)
         return value.rstrip("/")
 
     @model_validator(mode="after")
@@ -582,11 +585,7 @@ class Settings(_Strict):
     def _public_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError("must not carry credentials, a query or a fragment")
+        parts = check_http_url(value)
         if parts.path not in ("", "/"):
             raise ValueError("must not carry a path (the registry API lives at /v2/)")
         return value.rstrip("/")
