@@ -191,6 +191,31 @@ def warm_up(base: str, urls: dict[str, list[str]]) -> None:
     asyncio.run(run())
 
 
+# -- the upstream's content ------------------------------------------------------------------
+
+
+def seed(
+    upstream: DistributionRegistry, workdir: Path, big_mib: int
+) -> tuple[dict[str, list[str]], int]:
+    """Push `library/busybox:1.36` and `bench/big:1` (one `big_mib` MiB layer) to the
+    upstream; the gate URLs of each request kind (as `REGISTRY`), and the big blob's size."""
+    print(f"seeding {upstream.url} ...", file=sys.stderr)
+    layout = Layout(workdir / "layout")
+    plan = [
+        PushSpec(busybox_image(layout), "library/busybox", "1.36"),
+        PushSpec(big_image(layout, big_mib), "bench/big", "1"),
+    ]
+    seeded = push(layout, upstream.host, plan)
+    small, big = seeded["library/busybox:1.36"], seeded["bench/big:1"]
+    prefix = f"/v2/{REGISTRY}"
+    urls = {
+        "manifest": [f"{prefix}/{small.repo}/manifests/{small.tag}"],
+        "small-blob": [f"{prefix}/{small.repo}/blobs/{b.digest}" for b in small.manifest.blobs],
+        "big-blob": [f"{prefix}/{big.repo}/blobs/{big.manifest.layers[0].digest}"],
+    }
+    return urls, big.manifest.layers[0].size
+
+
 # -- scenarios -------------------------------------------------------------------------------
 
 
@@ -319,20 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         upstream = DistributionRegistry(workdir / "upstream", name="upstream")
         stack.callback(upstream.stop)
         upstream.start()
-        print(f"seeding {upstream.url} ...", file=sys.stderr)
-        layout = Layout(workdir / "layout")
-        plan = [
-            PushSpec(busybox_image(layout), "library/busybox", "1.36"),
-            PushSpec(big_image(layout, args.big_mib), "bench/big", "1"),
-        ]
-        seeded = push(layout, upstream.host, plan)
-        small, big = seeded["library/busybox:1.36"], seeded["bench/big:1"]
-        prefix = f"/v2/{REGISTRY}"
-        urls = {
-            "manifest": [f"{prefix}/{small.repo}/manifests/{small.tag}"],
-            "small-blob": [f"{prefix}/{small.repo}/blobs/{b.digest}" for b in small.manifest.blobs],
-            "big-blob": [f"{prefix}/{big.repo}/blobs/{big.manifest.layers[0].digest}"],
-        }
+        urls, _ = seed(upstream, workdir, args.big_mib)
 
         loops = LoopThread("bench-proxies")
         stack.callback(loops.close)

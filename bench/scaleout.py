@@ -33,16 +33,13 @@ for entry in (str(ROOT), str(ROOT / "bench")):
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
-from load import ACCEPT, MIB, drive  # noqa: E402
+from load import ACCEPT, MIB, REGISTRY, drive, seed  # noqa: E402
 
 from tests.support.engines import RedisServer, SeaweedS3  # noqa: E402
 from tests.support.fault_proxy import FaultProxy, LoopThread  # noqa: E402
 from tests.support.gate import GateProcess  # noqa: E402
-from tests.support.images import Layout, PushSpec, big_image, busybox_image, push  # noqa: E402
 from tests.support.registries import DistributionRegistry  # noqa: E402
 from tests.support.replicas import ReplicaSet  # noqa: E402
-
-REGISTRY = "upstream.bench"
 
 
 def cold(gates: Sequence[GateProcess], urls: dict[str, list[str]]) -> float:
@@ -160,21 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(redis_server.stop)
         s3 = SeaweedS3(workdir / "seaweedfs").start()
         stack.callback(s3.stop)
-        print(f"seeding {upstream.url} ...", file=sys.stderr)
-        layout = Layout(workdir / "layout")
-        plan = [
-            PushSpec(busybox_image(layout), "library/busybox", "1.36"),
-            PushSpec(big_image(layout, args.big_mib), "bench/big", "1"),
-        ]
-        seeded = push(layout, upstream.host, plan)
-        small, big = seeded["library/busybox:1.36"], seeded["bench/big:1"]
-        prefix = f"/v2/{REGISTRY}"
-        urls = {
-            "manifest": [f"{prefix}/{small.repo}/manifests/{small.tag}"],
-            "small-blob": [f"{prefix}/{small.repo}/blobs/{b.digest}" for b in small.manifest.blobs],
-            "big-blob": [f"{prefix}/{big.repo}/blobs/{big.manifest.layers[0].digest}"],
-        }
-        big_size = big.manifest.layers[0].size
+        urls, big_size = seed(upstream, workdir, args.big_mib)
         loops = LoopThread("bench-proxies")
         stack.callback(loops.close)
         results: list[dict[str, Any]] = []
