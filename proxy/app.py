@@ -38,9 +38,12 @@ from proxy.settings import Settings
 from proxy.storage.cache import Cache, pin_store
 from proxy.storage.pins import PinCreators
 from proxy.storage.redis_client import RedisState
+from proxy.storage.redis_pins import RedisPinStore
+from proxy.storage.redis_ratelimits import SharedRateLimits
+from proxy.storage.s3_pins import S3PinStore
 from proxy.upstream.api import Registry
 from proxy.upstream.circuit import CircuitBreaker
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.client import UpstreamClient, UpstreamObserver
 
 log = logging.getLogger("registry_gate")
 # Headers (and the request line) larger than this are refused with 431/400.
@@ -55,13 +58,18 @@ def build_services(settings: Settings, upstreams: Mapping[str, Registry] | None 
     (PolicyError included) for what the settings name but is invalid.
     """
     metrics = Metrics(version=__version__)
-    clients = _upstream_clients(settings, metrics) if upstreams is None else upstreams
-    shared = None
+    shared = ratelimits = None
     if settings.redis is not None:
         errors = metrics.shared_state_errors
         shared = RedisState.from_settings(
             settings.redis, on_error=lambda store: errors.labels(store).inc()
         )
+        known = frozenset(u.registry for u in settings.upstreams)
+        ratelimits = SharedRateLimits(shared, metrics, known)
+    if upstreams is None:
+        observer: UpstreamObserver = metrics if ratelimits is None else ratelimits
+        upstreams = _upstream_clients(settings, metrics, observer)
+    clients = upstreams
     pull = PullThrough(
         clients,
         metrics=metrics,
@@ -98,15 +106,19 @@ def build_services(settings: Settings, upstreams: Mapping[str, Registry] | None 
         ),
         authenticator=build_authenticator(settings) if settings.auth.mode == "token" else None,
         shared=shared,
+        ratelimits=ratelimits,
     )
 
 
-def _upstream_clients(settings: Settings, metrics: Metrics) -> dict[str, Registry]:
-    """The HTTP client of each upstream in the table, each with its circuit breaker."""
+def _upstream_clients(
+    settings: Settings, metrics: Metrics, observer: UpstreamObserver
+) -> dict[str, Registry]:
+    """The HTTP client of each upstream in the table, each with its circuit breaker;
+    `observer` sees their exchanges (the metrics, or the budgets shared with replicas)."""
     return {
         u.registry: UpstreamClient(
             u,
-            metrics,
+            observer,
             breaker=CircuitBreaker(
                 u.circuit.failures,
                 u.circuit.cooldown,
@@ -170,6 +182,12 @@ async def _shared_state_lifecycle(app: web.Application) -> AsyncIterator[None]:
     if not await shared.ping():
         log.warning("redis is unreachable at start-up: serving degraded until it answers")
     yield
+    ratelimits = app[SERVICES].ratelimits
+    if ratelimits is not None:
+        await ratelimits.close()
+    pins = app[SERVICES].holder.pins
+    if isinstance(pins, RedisPinStore) and isinstance(pins.archive, S3PinStore):
+        await pins.archive.close()
     await shared.close()
 
 

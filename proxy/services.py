@@ -29,6 +29,7 @@ from proxy.policy.holder import PolicyHolder
 from proxy.policy.principal import Principal
 from proxy.settings import Settings
 from proxy.storage.redis_client import RedisState
+from proxy.storage.redis_ratelimits import SharedRateLimits
 from proxy.upstream.api import Registry
 
 
@@ -47,6 +48,8 @@ class Services:
     authenticator: Authenticator | None = None
     # The Redis connection of the stores kept there (`redis:`); None: all in-process.
     shared: RedisState | None = None
+    # The upstream rate-limit budgets replicas share through it (with `shared`).
+    ratelimits: SharedRateLimits | None = None
 
     def may(self, principal: Principal, action: str, name: str) -> bool:
         """Whether policy could allow `action` on the repository a client calls `name`.

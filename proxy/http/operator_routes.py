@@ -91,6 +91,8 @@ async def metrics(request: web.Request) -> web.Response:
         # The blob store keeps its running totals; publish them as the scrape reads them.
         usage = await cache.blobs.stats()
         services.metrics.observe_cache_usage(usage.bytes, usage.filling, usage.removed_open)
+    if services.ratelimits is not None:
+        await services.ratelimits.refresh()
     body, content_type = services.metrics.render(request.headers.get("Accept"))
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type

@@ -36,13 +36,20 @@ from proxy.storage.redis_indexes import RedisRepositoryIndex, RedisTagIndex
 from proxy.storage.redis_pins import RedisPinStore
 from proxy.storage.s3 import S3BlobStore, S3ManifestStore
 from proxy.storage.s3_client import open_bucket
+from proxy.storage.s3_pins import S3PinStore
 
 
 def pin_store(settings: Settings, shared: RedisState | None = None) -> PinStore:
     """The pin store of these settings: the file (`policy.pins_path`, else under the
-    storage path), or Redis written through to that file when `shared` is given."""
+    storage path); with `shared`, Redis written through to an archive: the object store
+    on the `s3` backend unless `policy.pins_path` names a (shared) file, else that file."""
     path = settings.policy.pins_path
-    archive = FilePinStore(path) if path else FilePinStore.under(settings.storage.path)
+    storage = settings.storage
+    archive: PinStore
+    if shared is not None and path is None and storage.s3 is not None:
+        archive = S3PinStore(storage.s3)
+    else:
+        archive = FilePinStore(path) if path else FilePinStore.under(storage.path)
     return archive if shared is None else RedisPinStore(shared, archive)
 
 

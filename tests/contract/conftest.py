@@ -27,9 +27,19 @@ from proxy.storage.pins import FilePinStore, MemoryPinStore, PinStore
 from proxy.storage.redis_client import BREAKER_FAILURES, RedisState
 from proxy.storage.redis_indexes import RedisRepositoryIndex, RedisTagIndex
 from proxy.storage.redis_pins import RedisPinStore
+from proxy.storage.s3_client import open_bucket
+from proxy.storage.s3_pins import S3PinStore
 from proxy.upstream.circuit import CircuitBreaker
-from tests.contract.backends import Backend, S3Backend, backend_named
-from tests.support.engines import RedisServer
+from tests.contract.backends import (
+    CONTRACT_BUCKET,
+    Backend,
+    S3Backend,
+    backend_named,
+    ensure_bucket,
+    s3_environment,
+    s3_settings,
+)
+from tests.support.engines import RedisServer, SeaweedS3
 
 
 def redis_state(
@@ -101,18 +111,44 @@ def repository_indexes(request: pytest.FixtureRequest) -> RepositoryIndexes:
     return lambda: RedisRepositoryIndex(make())
 
 
-@pytest.fixture(params=["memory", "file", "redis"])
+@pytest.fixture
+async def s3_pin_archives(
+    seaweed_s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[[], S3PinStore]]:
+    """``s3_pin_archives()`` -> another S3PinStore on this test's own bucket prefix."""
+    for name, value in s3_environment().items():
+        monkeypatch.setenv(name, value)
+    settings = s3_settings(
+        seaweed_s3.endpoint, CONTRACT_BUCKET, prefix=f"pins-{uuid.uuid4().hex[:12]}/"
+    )
+    async with open_bucket(settings, check=False) as bucket:
+        await ensure_bucket(bucket)
+    opened: list[S3PinStore] = []
+
+    def make() -> S3PinStore:
+        opened.append(S3PinStore(settings))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture(params=["memory", "file", "s3", "redis", "redis+s3"])
 def pin_stores(request: pytest.FixtureRequest, tmp_path: Path) -> PinStores:
     """``pin_stores()`` -> another PinStore on this test's one backing (Redis: written
-    through to one pins file, the archive)."""
+    through to one archive, the pins file or a prefix of the object store)."""
     if request.param == "memory":
         memory = MemoryPinStore()
         return lambda: memory
     path = tmp_path / "pins.json"
-    if request.param == "file":
-        return lambda: FilePinStore(path)
+    archive: Callable[[], PinStore] = lambda: FilePinStore(path)  # noqa: E731
+    if request.param.endswith("s3"):
+        archive = request.getfixturevalue("s3_pin_archives")
+    if not request.param.startswith("redis"):
+        return archive
     make: Callable[[], RedisState] = request.getfixturevalue("states")
-    return lambda: RedisPinStore(make(), FilePinStore(path))
+    return lambda: RedisPinStore(make(), archive())
 
 
 # -- content stores (blob and manifest): filesystem and S3 --------------------------------
