@@ -35,12 +35,10 @@ from proxy.policy.gatekeeper import Gatekeeper
 from proxy.policy.holder import PolicyHolder, PolicySources
 from proxy.services import SERVICES, Services
 from proxy.settings import Settings
-from proxy.storage.cache import Cache, pin_store
+from proxy.storage.cache import Cache, close_pin_store, pin_store
 from proxy.storage.pins import PinCreators
 from proxy.storage.redis_client import RedisState
-from proxy.storage.redis_pins import RedisPinStore
 from proxy.storage.redis_ratelimits import SharedRateLimits
-from proxy.storage.s3_pins import S3PinStore
 from proxy.upstream.api import Registry
 from proxy.upstream.circuit import CircuitBreaker
 from proxy.upstream.client import UpstreamClient, UpstreamObserver
@@ -186,8 +184,7 @@ async def _shared_state_lifecycle(app: web.Application) -> AsyncIterator[None]:
     if ratelimits is not None:
         await ratelimits.close()
     pins = app[SERVICES].holder.pins
-    if isinstance(pins, RedisPinStore) and isinstance(pins.archive, S3PinStore):
-        await pins.archive.close()
+    await close_pin_store(pins)
     await shared.close()
 
 

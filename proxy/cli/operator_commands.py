@@ -21,7 +21,7 @@ from proxy.policy.principal import Principal
 from proxy.policy.rules import load_policy
 from proxy.settings import ConfigError, Settings
 from proxy.storage.blobstore import StorageLocked
-from proxy.storage.cache import Cache, pin_store
+from proxy.storage.cache import Cache, close_pin_store, pin_store
 from proxy.storage.pins import PinStore, PinStoreError, parse_repository
 from proxy.storage.redis_client import RedisState
 
@@ -32,9 +32,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 async def open_pins(settings: Settings) -> AsyncIterator[PinStore]:
     """The pin store the gate of these settings uses (Redis, when configured)."""
     shared = RedisState.from_settings(settings.redis) if settings.redis is not None else None
+    pins = pin_store(settings, shared)
     try:
-        yield pin_store(settings, shared)
+        yield pins
     finally:
+        await close_pin_store(pins)
         if shared is not None:
             await shared.close()
 

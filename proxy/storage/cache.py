@@ -53,6 +53,12 @@ def pin_store(settings: Settings, shared: RedisState | None = None) -> PinStore:
     return archive if shared is None else RedisPinStore(shared, archive)
 
 
+async def close_pin_store(pins: PinStore) -> None:
+    """Close what `pin_store` opened beyond the Redis client (the archive's S3 client)."""
+    if isinstance(pins, RedisPinStore) and isinstance(pins.archive, S3PinStore):
+        await pins.archive.close()
+
+
 @dataclass
 class Cache:
     """The opened cache stores."""
