@@ -202,7 +202,8 @@ class Supervisor:
             # Its live gauges (in-flight fills) no longer count; its counters still do.
             multiprocess.mark_process_dead(proc.pid, self._env[MULTIPROC_DIR_ENV])  # type: ignore[no-untyped-call]
             if self._stopping.is_set():
-                return code
+                # Still starting when told to stop (no handler yet): nothing to drain.
+                return 0 if code == -signal.SIGTERM else code
             failures = failures + 1 if loop.time() - started < STABLE_AFTER else 1
             if failures >= MAX_START_FAILURES:
                 log.error(
