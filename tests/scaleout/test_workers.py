@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from proxy.cli import workers
 from tests.integration.test_cache import (
     MIB,
     ORIGIN,
@@ -44,7 +48,7 @@ from tests.support.fault_proxy import FaultProxy, LoopThread
 from tests.support.metrics import scrape, wait_for_value
 from tests.support.registries import DistributionRegistry
 from tests.support.registry_client import RegistryClient
-from tests.support.replicas import ReplicaSet
+from tests.support.replicas import ReplicaSet, ensure_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -254,3 +258,38 @@ def test_sigkill_of_the_supervisor_takes_its_workers_down(gate: ReplicaSet) -> N
     gate[0].kill9()
     for child in children:
         wait_for(lambda c=child: not Path(f"/proc/{c}").exists(), f"worker {child} to exit")
+
+
+def test_workers_that_keep_failing_at_start_stop_the_gate_with_their_status(
+    tmp_path: Path, proxy: FaultProxy, redis_server: RedisServer, seaweed_s3: SeaweedS3
+) -> None:
+    replicas = ReplicaSet(
+        tmp_path / "set",
+        {
+            "upstreams": upstream_table({ORIGIN: proxy}, 30.0),
+            "audit": {"path": str(tmp_path / "audit" / "{replica}.jsonl")},
+        },
+        redis_server=redis_server,
+        s3=seaweed_s3,
+        count=1,
+    )
+    ensure_bucket(seaweed_s3)
+    gate = replicas[0]
+    # A listener without SO_REUSEPORT holds the port: every worker fails to listen, while
+    # the supervisor's own checks (which do not bind) pass.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        gate.directory.mkdir(parents=True, exist_ok=True)
+        gate.write_config(taken.getsockname()[1])
+        command = ["serve", "--config", str(gate.config_path), "--workers", str(WORKERS)]
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", *command],
+            env=gate._environment(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"failed {workers.MAX_START_FAILURES} times at start" in result.stderr
+    assert "restarting in" in result.stderr
+    assert "listen: cannot listen on 127.0.0.1" in result.stderr
