@@ -35,7 +35,7 @@ def settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 def test_the_default_is_the_cores_capped_when_workers_can_share(tmp_path: Path) -> None:
-    cores = len(os.sched_getaffinity(0))
+    cores = workers.usable_cores()
     assert workers.worker_count(settings(tmp_path), None) == min(cores, workers.WORKER_CAP)
     assert workers.worker_count(settings(tmp_path), 3) == 3
 
@@ -56,6 +56,20 @@ def test_settings_that_cannot_share_default_to_one_and_refuse_more(
     assert workers.worker_count(config, 1) == 1
     with pytest.raises(ConfigError, match=named):
         workers.worker_count(config, 2)
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "limit"),
+    [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("garbage", None)],
+)
+def test_usable_cores_follow_the_cgroup_cpu_limit(
+    tmp_path: Path, cpu_max: str, limit: int | None
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    assert workers.usable_cores(path) == (cores if limit is None else min(cores, limit))
+    assert workers.usable_cores(tmp_path / "absent") == cores
 
 
 def test_zero_workers_is_refused(tmp_path: Path) -> None:

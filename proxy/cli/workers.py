@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from prometheus_client import multiprocess
@@ -44,6 +46,8 @@ log = logging.getLogger("registry_gate.workers")
 
 # The default number of workers is the cores this process may run on, at most this.
 WORKER_CAP = 8
+# cgroup v2: "<quota> <period>" (microseconds) or "max <period>".
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 # A worker that ran less than this before it died failed "at start".
 STABLE_AFTER = 10.0
 # This many failures at start in a row of one worker: the gate stops (exit 1).
@@ -73,12 +77,29 @@ def worker_count(settings: Settings, asked: int | None) -> int:
     if asked is None:
         if reason is not None:
             return 1
-        return max(1, min(len(os.sched_getaffinity(0)), WORKER_CAP))
+        return max(1, min(usable_cores(), WORKER_CAP))
     if asked < 1:
         raise ConfigError(f"--workers {asked}: at least 1")
     if asked > 1 and reason is not None:
         raise ConfigError(f"--workers {asked}: {reason}")
     return asked
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity, lowered to the cgroup's CPU
+    limit (a container's `resources.limits.cpu`; rounded up) when there is one."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    try:
+        limit = math.ceil(int(quota) / int(period))
+    except (ValueError, ZeroDivisionError):
+        return cores
+    return max(1, min(cores, limit))
 
 
 def worker_settings(settings: Settings, index: int, peer_url: str) -> Settings:
