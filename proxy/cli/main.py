@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.app import build_app, build_metrics_app, build_services
-from proxy.cli import client_config, operator_commands
+from proxy.cli import client_config, operator_commands, workers
 from proxy.cli.preflight import describe, preflight, setting_named_in, tls_context
 from proxy.http.drain import DRAIN, Drain
 from proxy.http.server import GateRunner
@@ -37,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     serve = commands.add_parser("serve", help="run the gate")
     serve.add_argument("--config", type=Path, help="gate.yaml (default: embedded default)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default: the cores, at most 8, when the settings let "
+        "workers share the cache: redis and storage.backend s3; else 1)",
+    )
+    # Set by the supervisor for the workers it starts.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     check = commands.add_parser("check-config", help="validate a configuration and exit")
     check.add_argument("--config", type=Path, required=True)
     check.add_argument(
@@ -90,16 +99,40 @@ def _load(path: Path | None) -> Settings:
         raise _config_error(exc) from exc
 
 
-def serve(settings: Settings) -> None:
-    """Run the gate until SIGTERM/SIGINT, then drain (at most `shutdown_timeout`)."""
+def serve(settings: Settings, *, config: Path | None = None, asked: int | None = None) -> int:
+    """Run the gate until SIGTERM/SIGINT, then drain (at most `shutdown_timeout`): one
+    process, or a supervisor of several workers (`asked`, see proxy/cli/workers.py)."""
     configure_logging(settings.log_level, settings.log_format)
     try:
+        count = workers.worker_count(settings, asked)
         # Building reads what the settings name (passwords, keys, htpasswd); preflight
-        # tries what start-up opens (folders, TLS files), so neither fails half-started.
+        # tries what start-up opens (folders, TLS files), so neither fails half-started
+        # (nor, with workers, fails in every worker).
         services = build_services(settings)
         preflight(settings)
+        if count > 1:
+            command = [sys.executable, "-m", "proxy", "serve"]
+            command += ["--config", str(config)] if config is not None else []
+            supervisor = workers.Supervisor(command, count, settings.shutdown_timeout)
+            return asyncio.run(supervisor.run())
         with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
             runner.run(_serve(settings, services))
+    except ConfigError as exc:
+        raise _config_error(exc) from exc
+    return 0
+
+
+def serve_worker(settings: Settings, index: int) -> None:
+    """Run one worker of a supervisor's (checked by it before): a replica named after
+    `index`, on the shared public port and a private one of its own."""
+    workers.die_with_parent()
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        peer, peer_url = workers.peer_socket(settings)
+        settings = workers.worker_settings(settings, index, peer_url)
+        services = build_services(settings)
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+            runner.run(_serve(settings, services, peer=peer))
     except ConfigError as exc:
         raise _config_error(exc) from exc
 
@@ -117,9 +150,13 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | N
 
 
 async def _start(
-    settings: Settings, services: Services
+    settings: Settings, services: Services, peer: socket.socket | None = None
 ) -> tuple[web.Application, list[GateRunner]]:
-    """Open everything and listen; a failure is a ConfigError naming the setting."""
+    """Open everything and listen; a failure is a ConfigError naming the setting.
+
+    `peer` (a worker): the public addresses are shared with the other workers
+    (SO_REUSEPORT), and the app is also served on `peer`, the worker's own port.
+    """
     ssl_context = tls_context(settings)
     app = build_app(settings, services)
     # Our own drain bounds the wait for requests; aiohttp's wait is for stragglers only.
@@ -137,7 +174,11 @@ async def _start(
             await _starting(settings, runner.setup())
             host, port = host_port(listen)
             try:
-                await web.TCPSite(runner, host, port, ssl_context=context).start()
+                await web.TCPSite(
+                    runner, host, port, ssl_context=context, reuse_port=peer is not None
+                ).start()
+                if peer is not None and site_app is app:
+                    await web.SockSite(runner, peer, ssl_context=context).start()
             except OSError as exc:
                 raise ConfigError(f"{setting}: cannot listen on {listen}: {describe(exc)}") from exc
     except BaseException:
@@ -162,13 +203,12 @@ async def _starting(settings: Settings, opening: Awaitable[None]) -> None:
         raise ConfigError(f"{setting}: {text}") from exc
 
 
-async def _serve(settings: Settings, services: Services) -> None:
-    app, runners = await _start(settings, services)
-    log.info(
-        "registry-gate listening on %s",
-        settings.listen,
-        extra={"event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]},
-    )
+async def _serve(settings: Settings, services: Services, peer: socket.socket | None = None) -> None:
+    app, runners = await _start(settings, services, peer)
+    extra = {"event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]}
+    if peer is not None:
+        extra |= {"replica": settings.replica.id, "peer_url": settings.peer_url()}
+    log.info("registry-gate listening on %s", settings.listen, extra=extra)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -239,9 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "serve":
-        serve(_load(args.config))
+    if args.command == "serve" and args.worker_index is not None:
+        serve_worker(_load(args.config), args.worker_index)
         return 0
+    if args.command == "serve":
+        return serve(_load(args.config), config=args.config, asked=args.workers)
     if args.command == "policy" and args.policy_command == "explain":
         settings = _load(args.config)
         try:

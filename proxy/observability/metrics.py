@@ -11,6 +11,7 @@ repository name, tag or digest is never a label value.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,6 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -52,6 +54,9 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 DEFAULT_RULE = "default"
 _RATELIMIT = re.compile(r"\s*(\d+)\s*(?:;(.*))?")
 _WINDOW = re.compile(r"(?:^|;)\s*w\s*=\s*(\d+)\s*(?:;|$)")
+# Set (by `serve --workers`, before the workers start) when several processes are one gate:
+# prometheus-client then keeps every value in files there, and `/metrics` sums them.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Label children bound per label-value tuple at most (label values are bounded anyway;
 # past this, `labels()` is asked each time, as before binding).
 _MAX_BOUND = 4096
@@ -113,6 +118,15 @@ class Metrics:
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._decision_children: dict[tuple[str, str, str | None], Counter] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
+        # What `/metrics` shows: this registry, or with several workers (multiprocess mode,
+        # chosen by prometheus-client at import from the environment) every worker's
+        # values merged, so that any worker answers for the whole gate. Gauges say how
+        # their workers' values merge (`multiprocess_mode`); the process collectors
+        # describe one process and are not merged (prometheus-client's limitation).
+        self._exposed = registry
+        if os.environ.get(MULTIPROC_DIR_ENV):
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
         if process_collectors:
             # The default registry would carry these; a private registry must add them.
             ProcessCollector(registry=registry)
@@ -123,6 +137,7 @@ class Metrics:
             "registry_gate_build_info",
             "Always 1; the version label says which gate is running.",
             ["version"],
+            multiprocess_mode="max",
             registry=registry,
         )
         self.build_info.labels(version or _version()).set(1)
@@ -161,12 +176,14 @@ class Metrics:
             "registry_gate_upstream_ratelimit_remaining",
             "Pulls left in the upstream's rate-limit window (Docker Hub ratelimit-remaining).",
             ["upstream"],
+            multiprocess_mode="mostrecent",
             registry=registry,
         )
         self.circuit_breaker_state = Gauge(
             "registry_gate_circuit_breaker_state",
             "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open.",
             ["upstream"],
+            multiprocess_mode="max",
             registry=registry,
         )
         self.upstream_token_failures = Counter(
@@ -217,6 +234,7 @@ class Metrics:
             "progress, removed_open: removed but not yet gone); their sum is what "
             "storage.max_size bounds.",
             ["state"],
+            multiprocess_mode="mostrecent",
             registry=registry,
         )
         self.shared_state_errors = Counter(
@@ -263,6 +281,7 @@ class Metrics:
             "Blob transfers from an upstream in progress: cache fills (one per digest however "
             "many readers) and relays of blobs the cache had no room for.",
             ["upstream"],
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.replica_fill_sources = Counter(
@@ -435,4 +454,4 @@ class Metrics:
         (prometheus-client's own "latest" text version is newer than many scrapers).
         """
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        return encoder(self._exposed), content_type

@@ -112,8 +112,11 @@ class GateProcess(LoopbackProcess):
         env: Mapping[str, str] | None = None,
         name: str = "gate",
         launcher: Sequence[str] = (),
+        args: Sequence[str] = (),
     ) -> None:
         self.directory = directory
+        # More `serve` arguments (e.g. ``--workers 2``).
+        self.args = list(args)
         # A command prefix that execs the gate (e.g. ``unshare --mount ... sh -c`` to give
         # it a small private file system); the process id stays the gate's.
         self.launcher = list(launcher)
@@ -197,6 +200,7 @@ class GateProcess(LoopbackProcess):
                     "serve",
                     "--config",
                     str(self.config_path),
+                    *self.args,
                 ],
                 cwd=self.directory,
                 env=self._environment(),

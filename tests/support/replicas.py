@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class ReplicaSet:
         count: int = 3,
         policy: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.redis_server = redis_server
         self.s3 = s3
@@ -93,6 +94,7 @@ class ReplicaSet:
                 policy=policy,
                 env=environment,
                 name=f"replica-{index}",
+                args=args,
             )
             for index in range(count)
         ]
