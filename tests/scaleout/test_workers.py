@@ -215,6 +215,21 @@ def test_sighup_reloads_the_policy_in_every_worker(
     assert set(statuses) == {403}, statuses
 
 
+def _status_or_reset(gate: Any, path: str) -> int | str:
+    try:
+        return get(gate, path).status
+    except ConnectionResetError:
+        return "reset"
+
+
+def _gone(pid: int) -> bool:
+    """Dead: no process, or a zombie (its sockets are closed already)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (FileNotFoundError, IndexError):
+        return True
+
+
 def test_a_killed_worker_is_restarted_and_the_gate_keeps_serving(
     gate: ReplicaSet, origin: DistributionRegistry
 ) -> None:
@@ -224,9 +239,12 @@ def test_a_killed_worker_is_restarted_and_the_gate_keeps_serving(
     first = workers_of(pid)
     victim = min(first)
     os.kill(victim, signal.SIGKILL)
-    # The survivor alone holds the port meanwhile: every request is answered.
-    statuses = [get(gate[0], path).status for _ in range(10)]
-    assert set(statuses) == {200}, statuses
+    wait_for(lambda: _gone(victim), f"worker {victim} to die")
+    # While the replacement starts, the survivor answers; a connection the kernel queued
+    # to a socket that is closing or not yet accepting may be reset (SO_REUSEPORT gives
+    # each worker its own queue; README, Workers). Never an error status, never a hang.
+    statuses = [_status_or_reset(gate[0], path) for _ in range(10)]
+    assert set(statuses) <= {200, "reset"} and 200 in statuses, statuses
     wait_for(lambda: len(workers_of(pid) - first) == 1, "a new worker", timeout=30)
     replacement = (workers_of(pid) - first).pop()
     assert workers_of(pid) == (first - {victim}) | {replacement}
