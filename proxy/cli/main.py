@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     # Set by the supervisor for the workers it starts.
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     check = commands.add_parser("check-config", help="validate a configuration and exit")
     check.add_argument("--config", type=Path, required=True)
     check.add_argument(
@@ -122,10 +123,10 @@ def serve(settings: Settings, *, config: Path | None = None, asked: int | None =
     return 0
 
 
-def serve_worker(settings: Settings, index: int) -> None:
+def serve_worker(settings: Settings, index: int, supervisor: int | None = None) -> None:
     """Run one worker of a supervisor's (checked by it before): a replica named after
     `index`, on the shared public port and a private one of its own."""
-    workers.die_with_parent()
+    workers.die_with_parent(supervisor)
     configure_logging(settings.log_level, settings.log_format)
     try:
         peer, peer_url = workers.peer_socket(settings)
@@ -280,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "serve" and args.worker_index is not None:
-        serve_worker(_load(args.config), args.worker_index)
+        serve_worker(_load(args.config), args.worker_index, args.supervisor)
         return 0
     if args.command == "serve":
         return serve(_load(args.config), config=args.config, asked=args.workers)

@@ -139,17 +139,22 @@ def peer_socket(settings: Settings) -> tuple[socket.socket, str]:
     return sock, f"{scheme}://{shown}:{port}"
 
 
-def die_with_parent() -> None:
+def die_with_parent(supervisor: int | None) -> None:
     """Have the kernel SIGTERM this worker when its supervisor dies (Linux), so a
-    `kill -9` of the parent leaves no worker serving unsupervised."""
+    `kill -9` of the parent leaves no worker serving unsupervised; and ignore SIGHUP until
+    the worker's own handler is in place (it reads the policy as it starts anyway)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if supervisor is not None and os.getppid() != supervisor:
+        # It died before the request above took effect: nobody would stop this worker.
+        raise SystemExit(1)
 
 
 class Supervisor:
-    """The parent of `count` workers, each `command + ["--worker-index", i]`."""
+    """The parent of `count` workers, each `command + ["--worker-index", i, ...]`."""
 
     def __init__(self, command: Sequence[str], count: int, shutdown_timeout: float) -> None:
         self.command = list(command)
@@ -211,7 +216,12 @@ class Supervisor:
         while True:
             started = loop.time()
             proc = await asyncio.create_subprocess_exec(
-                *self.command, "--worker-index", str(index), env=self._env
+                *self.command,
+                "--worker-index",
+                str(index),
+                "--supervisor",
+                str(os.getpid()),
+                env=self._env,
             )
             self._procs[index] = proc
             log.info("worker %d started (pid %d)", index, proc.pid)

@@ -167,7 +167,9 @@ def test_two_workers_share_one_port_and_make_one_upstream_get_for_20_cold_gets(
         assert result.status == 200, result
         assert result.complete and result.digest == digest, result
     assert proxy.count("GET", "blob", digest) == 1, proxy.summary()
-    # Whichever worker answers /metrics counts the requests of both.
+    # Whichever worker answers /metrics counts the requests of both (a request is counted
+    # once its response is written: the last may trail the client by a moment).
+    wait_for_value(gate[0].url, REQUESTS, lambda v: v - before >= clients, route="blob")
     for _ in range(4):
         after = scrape(gate[0].url).value(REQUESTS, route="blob")
         assert after - before == clients
@@ -215,21 +217,6 @@ def test_sighup_reloads_the_policy_in_every_worker(
     assert set(statuses) == {403}, statuses
 
 
-def _status_or_reset(gate: Any, path: str) -> int | str:
-    try:
-        return get(gate, path).status
-    except ConnectionResetError:
-        return "reset"
-
-
-def _gone(pid: int) -> bool:
-    """Dead: no process, or a zombie (its sockets are closed already)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except (FileNotFoundError, IndexError):
-        return True
-
-
 def test_a_killed_worker_is_restarted_and_the_gate_keeps_serving(
     gate: ReplicaSet, origin: DistributionRegistry
 ) -> None:
@@ -239,22 +226,17 @@ def test_a_killed_worker_is_restarted_and_the_gate_keeps_serving(
     first = workers_of(pid)
     victim = min(first)
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: _gone(victim), f"worker {victim} to die")
-    # While the replacement starts, the survivor answers; a connection the kernel queued
-    # to a socket that is closing or not yet accepting may be reset (SO_REUSEPORT gives
-    # each worker its own queue; README, Workers). Never an error status, never a hang.
-    statuses = [_status_or_reset(gate[0], path) for _ in range(10)]
-    assert set(statuses) <= {200, "reset"} and 200 in statuses, statuses
+    # Connections the kernel had queued on the victim's socket die with it (a limit of
+    # SO_REUSEPORT, see README); once it is gone, the survivor holds the port alone.
+    wait_for(
+        lambda: f"(pid {victim}) exited with status -9" in gate[0].log_text(),
+        "the supervisor to see the worker die",
+    )
+    statuses = [get(gate[0], path).status for _ in range(10)]
+    assert set(statuses) == {200}, statuses
     wait_for(lambda: len(workers_of(pid) - first) == 1, "a new worker", timeout=30)
     replacement = (workers_of(pid) - first).pop()
     assert workers_of(pid) == (first - {victim}) | {replacement}
-    wait_for(
-        lambda: (
-            f"worker 0 (pid {victim}) exited" in gate[0].log_text()
-            or f"worker 1 (pid {victim}) exited" in gate[0].log_text()
-        ),
-        "the restart to be logged",
-    )
     # The replacement serves too (it announces itself in the log when it listens).
     wait_for(lambda: gate[0].log_text().count("registry-gate listening") >= 3, "it listens")
     statuses = [get(gate[0], path).status for _ in range(10)]
