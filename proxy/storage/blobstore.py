@@ -105,6 +105,25 @@ class BlobReader(Protocol):
         ...
 
 
+def content_mismatch(
+    digest: str, hasher: Any, written: int, expected_size: int | None
+) -> DigestInvalid | None:
+    """What a fill must not publish: bytes that did not hash to `digest`, or not
+    `expected_size` of them (when known); None when the content is the blob."""
+    actual = f"{hasher.name}:{hasher.hexdigest()}"
+    if actual == digest and (expected_size is None or expected_size == written):
+        return None
+    return DigestInvalid(
+        "content does not match its digest",
+        detail={
+            "digest": digest,
+            "received": actual,
+            "size": written,
+            "expected_size": expected_size,
+        },
+    )
+
+
 class BlobWriter(Protocol):
     """One fill: bytes go to a private place while they are hashed; nothing is visible
     to `stat`/`open_reader` (or a capability) of the store until `commit` verified them."""
@@ -594,18 +613,10 @@ class _FilesystemBlobWriter:
     ) -> None:
         if self._finished:
             raise ValueError("commit after commit or abort")
-        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
-        if actual != self._digest or (expected_size is not None and expected_size != self._written):
+        mismatch = content_mismatch(self._digest, self._hash, self._written, expected_size)
+        if mismatch is not None:
             await self.abort()
-            raise DigestInvalid(
-                "content does not match its digest",
-                detail={
-                    "digest": self._digest,
-                    "received": actual,
-                    "size": self._written,
-                    "expected_size": expected_size,
-                },
-            )
+            raise mismatch
         if on_verified is not None:
             on_verified()
         # The room was reserved before the bytes were written: publishing only moves the

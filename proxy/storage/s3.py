@@ -58,6 +58,7 @@ from proxy.storage.blobstore import (
     StorageLocked,
     _FdReader,
     _ThreadedFd,
+    content_mismatch,
 )
 from proxy.storage.manifest_cache import (
     MANIFEST_MEMORY,
@@ -643,18 +644,10 @@ class _S3BlobWriter:
     ) -> None:
         if self._finished:
             raise ValueError("commit after commit or abort")
-        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
-        if actual != self._digest or (expected_size is not None and expected_size != self._written):
+        mismatch = content_mismatch(self._digest, self._hash, self._written, expected_size)
+        if mismatch is not None:
             await self.abort()
-            raise DigestInvalid(
-                "content does not match its digest",
-                detail={
-                    "digest": self._digest,
-                    "received": actual,
-                    "size": self._written,
-                    "expected_size": expected_size,
-                },
-            )
+            raise mismatch
         if on_verified is not None:
             on_verified()
         try:
