@@ -52,20 +52,6 @@ CORP = "registry.corp.example"
 
 
 @pytest.fixture(scope="module")
-def loops() -> Iterator[LoopThread]:
-    thread = LoopThread("scaleout-fault-proxies")
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
-def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path_factory.mktemp("origin"), name="origin")
-    with registry:
-        yield registry
-
-
-@pytest.fixture(scope="module")
 def corp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
     registry = DistributionRegistry(tmp_path_factory.mktemp("corp"), name="corp")
     with registry:

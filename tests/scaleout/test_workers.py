@@ -58,20 +58,6 @@ RELOADS = "registry_gate_policy_reloads_total"
 
 
 @pytest.fixture(scope="module")
-def loops() -> Iterator[LoopThread]:
-    thread = LoopThread("workers-fault-proxies")
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
-def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path_factory.mktemp("workers-origin"), name="w-origin")
-    with registry:
-        yield registry
-
-
-@pytest.fixture(scope="module")
 def proxy_module(origin: DistributionRegistry, loops: LoopThread) -> Iterator[FaultProxy]:
     with FaultProxy(lambda: origin.url, name="workers-proxy", loop=loops) as proxy:
         yield proxy
