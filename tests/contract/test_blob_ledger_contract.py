@@ -8,9 +8,9 @@ as separate gate processes would have.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -273,26 +273,34 @@ async def test_a_dead_replicas_reservation_expires(redis_server: RedisServer) ->
     )
     try:
         assert dying.stdout is not None
-        assert await dying.stdout.readline() == b"reserved\n"
-        mine, _ = await live.reserve(200, max_size=1000)
-        assert (await live.usage()).filling == 900
-        with pytest.raises(CacheFull):
-            await live.reserve(200, max_size=1000)
+        # Every wait is bounded: a stuck step fails with its name instead of hanging the run.
+        async with asyncio.timeout(30):
+            assert await dying.stdout.readline() == b"reserved\n"
+        async with asyncio.timeout(10):
+            mine, _ = await live.reserve(200, max_size=1000)
+            assert (await live.usage()).filling == 900
+            with pytest.raises(CacheFull):
+                await live.reserve(200, max_size=1000)
         dying.kill()
-        await dying.wait()
-        deadline = time.monotonic() + 30
+        async with asyncio.timeout(10):
+            await dying.wait()
+        deadline = asyncio.get_running_loop().time() + 30
         while (await live.usage()).filling != 200:
-            assert time.monotonic() < deadline, "a dead replica's reservation never expired"
+            assert asyncio.get_running_loop().time() < deadline, (
+                "a dead replica's reservation never expired"
+            )
             await asyncio.sleep(0.1)
         # Its own lives on past the TTL: the live replica refreshes it.
         await asyncio.sleep(3.0)
-        assert (await live.usage()).filling == 200 and mine.size == 200
-        await live.reserve(700, max_size=1000)
-        assert (await live.usage()).filling == 900
+        async with asyncio.timeout(10):
+            assert (await live.usage()).filling == 200 and mine.size == 200
+            await live.reserve(700, max_size=1000)
+            assert (await live.usage()).filling == 900
     finally:
         if dying.returncode is None:
             dying.kill()
-            await dying.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dying.wait(), 10)
         await live.close()
         await client.aclose()
 
