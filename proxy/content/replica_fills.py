@@ -10,7 +10,9 @@ Owns where a replica's fill gets its bytes when Redis is configured. Within a pr
   shared secret (`proxy.auth.replica_auth`). On the holder that endpoint is one more
   reader of its fill, so bytes flow as they arrive upstream, with the 32 KiB tail
   withheld until the holder verified the digest; this replica fills its own cache from
-  that stream and verifies the digest again, and its clients read its fill as usual;
+  that stream (with a store all replicas share, such as S3, only a local spool: the
+  holder publishes the blob) and verifies the digest again, and its clients read its
+  fill as usual;
 - when the holder cannot be reached, refuses, or is not filling the digest (its fill
   failed, or found no room), this replica waits until the lease changes (released, or
   expired: a dead holder stops renewing) for at most the lease bound, then claims again;
@@ -179,7 +181,7 @@ class ReplicaFills:
             )
             return None
         stack.callback(response.release)
-        return UpstreamBlob(response.content_length, _chunks(response, owner))
+        return UpstreamBlob(response.content_length, _chunks(response, owner), from_peer=True)
 
     def _leases_down(self, error: LeasesUnavailable, digest: str) -> None:
         log.warning(

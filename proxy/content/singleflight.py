@@ -34,7 +34,7 @@ from cachetools import LRUCache
 
 from proxy.errors import DigestInvalid, RegistryError, ServiceUnavailable, UpstreamUnavailable
 from proxy.http.ranges import unsatisfiable
-from proxy.storage.blobstore import BlobReader, BlobStore, BlobWriter, CacheFull
+from proxy.storage.blobstore import BlobReader, BlobStore, BlobWriter, CacheFull, SharedBlobs
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ class UpstreamBlob:
 
     size: int | None
     chunks: AsyncIterator[bytes]
+    from_peer: bool = False
+    """The bytes are another replica's fill (`replica_fills`), which publishes the blob
+    itself: a store all replicas share (`SharedBlobs`) then need not store it again."""
 
 
 # Opens the upstream transfer. Entered by the fill task, so the upstream response is
@@ -524,8 +527,14 @@ class FillCoordinator:
                 )
             try:
                 with _storing():
-                    # Reserves the announced length under the cap before any byte lands.
-                    writer = await self._store.begin_fill(fill.digest, size)
+                    if upstream.from_peer and isinstance(self._store, SharedBlobs):
+                        # The peer publishes it to the store we share: relay and verify
+                        # its stream for our readers, but do not upload it again.
+                        writer = await self._store.begin_relay(fill.digest, size)
+                    else:
+                        # Reserves the announced length under the cap before any byte
+                        # lands.
+                        writer = await self._store.begin_fill(fill.digest, size)
             except CacheFull:
                 fill.no_room = True
                 raise

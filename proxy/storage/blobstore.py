@@ -2,7 +2,9 @@
 
 Owns the `BlobStore` protocol (what any backend, filesystem or object store, must offer:
 no local paths), the optional capabilities a store may add (`LocalBlobFiles`: a local
-file to send with sendfile; `BlobRedirects`: a URL the client may fetch the blob from),
+file to send with sendfile; `BlobRedirects`: a URL the client may fetch the blob from;
+`SharedBlobs`: every replica sees the same published blobs, so a fill streamed from
+another replica's fill need not be stored again),
 and the embedded filesystem implementation:
 
     <root>/blobs/<algorithm>/<hex>   published blobs, only ever created by an atomic rename
@@ -225,6 +227,19 @@ class BlobRedirects(Protocol):
     async def redirect_url(self, digest: str) -> str | None:
         """A URL serving the published blob (counting as an access), or None to serve it
         through the gate (not cached, or redirects off)."""
+        ...
+
+
+@runtime_checkable
+class SharedBlobs(Protocol):
+    """Optional capability: the replicas share the published blobs (an object store). A
+    fill whose bytes come from another replica's fill, which publishes them itself, is a
+    relay: hashed and readable while it runs like any fill, verified, never published."""
+
+    async def begin_relay(self, digest: str, size: int | None = None) -> BlobWriter:
+        """A `BlobWriter` whose `commit` verifies and discards (nothing reserved under
+        the cap, nothing published; once committed, `open_reader` reads the blob the
+        other replica published)."""
         ...
 
 

@@ -6,8 +6,10 @@ Each part is a small protocol (`BlobStore`, `ManifestStore`, `TagIndex`,
 gate and the `cache` commands both open the cache through `Cache.open`):
 `storage.backend` names the content stores, `filesystem` (the embedded default) or `s3`
 (blobs and manifests in an object store); with `redis:` configured the tag and
-repository indexes, the pins and the blob accounting are the shared ones in Redis,
-otherwise sqlite under `storage.path` and in-process accounting.
+repository indexes and the pins are the shared ones in Redis, and so is the blob
+accounting of an `s3` store (`RedisLedger`: the replicas sharing the bucket share its
+cap); otherwise sqlite under `storage.path` and in-process accounting. A filesystem
+store keeps in-process accounting even with `redis:` (each replica has its own disk).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from proxy.names.references import Repository
 from proxy.observability.metrics import Metrics
 from proxy.settings import Settings, StorageSettings
 from proxy.storage.blobstore import BlobStore, EvictHook, FilesystemBlobStore
+from proxy.storage.ledger import BlobLedger, MemoryLedger
 from proxy.storage.manifest_cache import (
     FilesystemManifestStore,
     IndexDatabase,
@@ -33,6 +36,7 @@ from proxy.storage.manifest_cache import (
 from proxy.storage.pins import FilePinStore, PinStore
 from proxy.storage.redis_client import RedisState
 from proxy.storage.redis_indexes import RedisRepositoryIndex, RedisTagIndex
+from proxy.storage.redis_ledger import RedisLedger
 from proxy.storage.redis_pins import RedisPinStore
 from proxy.storage.s3 import S3BlobStore, S3ManifestStore
 from proxy.storage.s3_client import open_bucket
@@ -124,7 +128,7 @@ class Cache:
         resources = contextlib.AsyncExitStack()
         try:
             blobs, manifests = await _content_stores(
-                settings, resources, evicted, lambda: protected, exclusive=exclusive
+                settings, resources, evicted, lambda: protected, exclusive=exclusive, shared=shared
             )
         except BaseException:
             await resources.aclose()
@@ -162,6 +166,7 @@ async def _content_stores(
     protected: Callable[[], Collection[str]],
     *,
     exclusive: bool,
+    shared: RedisState | None = None,
 ) -> tuple[BlobStore, ManifestStore]:
     """The blob and manifest stores `storage.backend` names, opened."""
     blobs: FilesystemBlobStore | S3BlobStore
@@ -169,6 +174,11 @@ async def _content_stores(
     if settings.backend == "s3":
         assert settings.s3 is not None  # the settings refuse s3 without it
         bucket = await resources.enter_async_context(open_bucket(settings.s3))
+        ledger: BlobLedger = MemoryLedger()
+        if shared is not None:
+            # One bucket, one cap: the replicas sharing it account in one Redis ledger.
+            ledger = RedisLedger(shared.client, key_prefix=shared.prefix)
+            resources.push_async_callback(ledger.close)
         # Fills in progress are spooled locally for their readers.
         blobs = S3BlobStore(
             bucket,
@@ -176,6 +186,7 @@ async def _content_stores(
             settings.max_size,
             on_evict=on_evict,
             protected=protected,
+            ledger=ledger,
         )
         manifests = S3ManifestStore(bucket)
     else:

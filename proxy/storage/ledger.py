@@ -27,6 +27,9 @@ A store's fill, in order:
 
 and a hit is `size_of(digest)` then `touched(digest)`.
 
+A shared ledger raises `LedgerUnavailable` when it cannot be asked; the store degrades
+(see that exception), it never turns it into a failed request.
+
 The reserve decision (fits? which least-recently-used blobs not in `skip` go?) is atomic
 in each implementation: all or nothing, `CacheFull` evicting nothing when the room cannot
 be made. `skip` is the caller's (leased and pinned digests): the ledger does not know
@@ -40,6 +43,15 @@ from collections import OrderedDict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
+
+
+class LedgerUnavailable(Exception):
+    """The ledger could not be asked (a shared ledger's Redis is down or timing out).
+
+    A store degrades rather than fails: a hit is looked up in the storage itself, a fill
+    that cannot reserve is not cached (the blob is relayed), and what could not be
+    recorded heals when the ledger answers again (reservations expire, unknown blobs are
+    adopted when met, an emptied ledger is seeded again)."""
 
 
 class CacheFull(Exception):
@@ -104,6 +116,12 @@ class BlobLedger(Protocol):
         """Add (digest, size, last use as epoch seconds) found in a listing of the store,
         at start. Digests the ledger already knows keep their size and order, so every
         replica may seed a shared ledger."""
+        ...
+
+    async def seeded(self) -> bool:
+        """Whether the ledger has been seeded from a listing of the store. False for a new
+        ledger, and for a shared one whose state was lost (Redis restarted empty): the
+        store then lists and seeds it again."""
         ...
 
     async def size_of(self, digest: str) -> int | None:
@@ -179,6 +197,7 @@ class MemoryLedger:
         self._total = 0
         self._reservations: dict[str, Reservation] = {}
         self._ids = itertools.count(1)
+        self._seeded = False
 
     def _new(self, size: int, *, draining: bool = False) -> Reservation:
         reservation = Reservation(f"{'d' if draining else 'f'}{next(self._ids)}", size, draining)
@@ -222,6 +241,10 @@ class MemoryLedger:
         self._index = OrderedDict((digest, size) for _, digest, size in fresh)
         self._index.update(known)
         self._total += sum(size for _, _, size in fresh)
+        self._seeded = True
+
+    async def seeded(self) -> bool:
+        return self._seeded
 
     async def size_of(self, digest: str) -> int | None:
         return self._index.get(digest)

@@ -7,6 +7,9 @@ Keys, all under one hash tag so a script may touch them together:
     <p>{blob-ledger}:total   int   sum of sizes (kept by the same scripts)
     <p>{blob-ledger}:res     hash  reservation id -> bytes (f:... fills, d:... draining)
     <p>{blob-ledger}:exp     zset  reservation id -> expiry (server time, milliseconds)
+    <p>{blob-ledger}:seeded  "1"   set by `seed`: absent means the ledger was never seeded
+                                   or Redis lost it (restarted empty, flushed), and the
+                                   store lists itself and seeds it again
 
 Every decision that reads and changes the accounting is one Lua script, so Redis runs it
 alone: two replicas cannot both take the last free bytes, and only one evictor chooses at
@@ -21,6 +24,9 @@ task applies the batch every `touch_interval` seconds (and before any eviction d
 of this replica), in one script call. The LRU order across replicas is therefore exact
 to within that interval; a blob used only on another replica within the last interval
 may look a little older than it is.
+
+Every Redis failure (down, timing out, refusing) raises `LedgerUnavailable`, which the
+stores turn into a degraded answer, never a failed request.
 """
 
 from __future__ import annotations
@@ -32,13 +38,20 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from proxy.storage.ledger import CacheFull, Eviction, LedgerUsage, Reservation, no_eviction
+from proxy.storage.ledger import (
+    CacheFull,
+    Eviction,
+    LedgerUnavailable,
+    LedgerUsage,
+    Reservation,
+    no_eviction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +238,8 @@ return 1
 """
 )
 
-# ARGV: digest, size, last use (microseconds), ...: add the unknown ones
+# KEYS[6]: the seeded marker; ARGV: digest, size, last use (microseconds), ...: add the
+# unknown ones
 _SEED = (
     _PRELUDE
     + """
@@ -235,6 +249,7 @@ for i = 1, #ARGV, 3 do
     redis.call('ZADD', lru, ARGV[i + 2], ARGV[i])
   end
 end
+redis.call('SET', KEYS[6], '1')
 return 1
 """
 )
@@ -271,6 +286,15 @@ def _pairs(flat: Sequence[Any]) -> list[tuple[str, int]]:
     return [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
+@contextlib.contextmanager
+def _asking() -> Iterator[None]:
+    """Redis failures as the protocol's `LedgerUnavailable`."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+
 class RedisLedger:
     """`BlobLedger` in Redis, shared by every replica that uses the same `key_prefix`.
 
@@ -293,6 +317,7 @@ class RedisLedger:
         self._client = client
         base = f"{key_prefix}{{blob-ledger}}:"
         self._keys = [base + name for name in ("sizes", "lru", "total", "res", "exp")]
+        self._marker = base + "seeded"
         self._ttl_ms = int(reservation_ttl * 1000)
         self._refresh_every = reservation_ttl / 3
         self._touch_interval = touch_interval
@@ -370,17 +395,24 @@ class RedisLedger:
     # -- BlobLedger ------------------------------------------------------------------------
 
     async def seed(self, entries: Iterable[tuple[str, int, float]]) -> None:
+        keys = [*self._keys, self._marker]
         args: list[str | int] = []
-        for digest, size, used in entries:
-            args += [digest, size, int(used * 1_000_000)]
-            if len(args) >= 3 * _BATCH:
-                await self._scripts["seed"](keys=self._keys, args=args)
-                args = []
-        if args:
-            await self._scripts["seed"](keys=self._keys, args=args)
+        with _asking():
+            for digest, size, used in entries:
+                args += [digest, size, int(used * 1_000_000)]
+                if len(args) >= 3 * _BATCH:
+                    await self._scripts["seed"](keys=keys, args=args)
+                    args = []
+            # Also with nothing left: the last call sets the marker.
+            await self._scripts["seed"](keys=keys, args=args)
+
+    async def seeded(self) -> bool:
+        with _asking():
+            return bool(await self._client.exists(self._marker))
 
     async def size_of(self, digest: str) -> int | None:
-        value = await self._client.hget(self._keys[0], digest)
+        with _asking():
+            value = await self._client.hget(self._keys[0], digest)
         return None if value is None else int(value)
 
     def touched(self, digest: str) -> None:
@@ -392,8 +424,9 @@ class RedisLedger:
             self._ensure_worker()
 
     async def entries(self) -> list[tuple[str, int]]:
-        await self._flush()
-        return _pairs(await self._scripts["entries"](keys=self._keys))
+        with _asking():
+            await self._flush()
+            return _pairs(await self._scripts["entries"](keys=self._keys))
 
     async def reserve(
         self,
@@ -410,13 +443,14 @@ class RedisLedger:
         if size > max_size:
             raise CacheFull(f"{size} bytes exceed the cache cap of {max_size}", never=True)
         self._ensure_worker()
-        # This replica's recent hits count before anything is chosen.
-        await self._flush()
         draining = self._new(draining=True)
-        reply = await self._scripts["reserve"](
-            keys=self._keys,
-            args=[size, max_size, reservation.id, draining.id, self._ttl_ms, *skip],
-        )
+        with _asking():
+            # This replica's recent hits count before anything is chosen.
+            await self._flush()
+            reply = await self._scripts["reserve"](
+                keys=self._keys,
+                args=[size, max_size, reservation.id, draining.id, self._ttl_ms, *skip],
+            )
         if int(reply[0]) == 0:
             raise CacheFull(f"no room for {size} bytes: the rest of the cache is in use")
         reservation.size += size
@@ -427,10 +461,11 @@ class RedisLedger:
         self._owned.pop(reservation.id, None)
         if not reservation.size:
             return
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hdel(self._keys[3], reservation.id)
-            pipe.zrem(self._keys[4], reservation.id)
-            await pipe.execute()
+        with _asking():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hdel(self._keys[3], reservation.id)
+                pipe.zrem(self._keys[4], reservation.id)
+                await pipe.execute()
 
     async def published(
         self, digest: str, size: int, reservation: Reservation | None = None
@@ -440,13 +475,15 @@ class RedisLedger:
             self._owned.pop(reservation.id, None)
             fill_id = reservation.id
         self._touches.pop(digest, None)
-        await self._scripts["published"](keys=self._keys, args=[digest, size, fill_id])
+        with _asking():
+            await self._scripts["published"](keys=self._keys, args=[digest, size, fill_id])
 
     async def forget(self, digest: str, *, gone: bool = False) -> Eviction | None:
         draining = self._new(draining=True)
-        size = await self._scripts["forget"](
-            keys=self._keys, args=[digest, "" if gone else draining.id, self._ttl_ms]
-        )
+        with _asking():
+            size = await self._scripts["forget"](
+                keys=self._keys, args=[digest, "" if gone else draining.id, self._ttl_ms]
+            )
         if size is None:
             return None
         self._touches.pop(digest, None)
@@ -457,15 +494,17 @@ class RedisLedger:
 
     async def victims_for_gc(self, *, max_size: int, skip: Collection[str] = ()) -> Eviction:
         self._ensure_worker()
-        await self._flush()
         draining = self._new(draining=True)
-        reply = await self._scripts["gc"](
-            keys=self._keys, args=[max_size, draining.id, self._ttl_ms, *skip]
-        )
+        with _asking():
+            await self._flush()
+            reply = await self._scripts["gc"](
+                keys=self._keys, args=[max_size, draining.id, self._ttl_ms, *skip]
+            )
         return self._eviction(reply, draining, int(reply[0]))
 
     async def usage(self) -> LedgerUsage:
-        blobs, total, filling, draining = await self._scripts["usage"](keys=self._keys)
+        with _asking():
+            blobs, total, filling, draining = await self._scripts["usage"](keys=self._keys)
         return LedgerUsage(int(blobs), int(total), int(filling), int(draining))
 
     async def close(self) -> None:

@@ -21,9 +21,13 @@ local spool file under `<storage.path>/s3-spool/` (parts sent to S3 cannot be re
 the upload completes); once published, a blob is read with ranged GETs that stream one
 response from the current offset, reopened only when a reader jumps.
 
-Cap and LRU accounting is one object (`MemoryAccounting`: this process's view, rebuilt
-from a listing of the bucket at `open`; blobs another replica published are adopted on
-first sight), so a shared ledger can take its place. Eviction deletes objects.
+Cap and LRU accounting is a `BlobLedger` (proxy/storage/ledger.py): a `MemoryLedger` (this
+process's view) for one replica, a `RedisLedger` shared by the replicas on one bucket, so
+their cap is one. A ledger that was never seeded, or lost its state (Redis restarted
+empty), is seeded from a listing of the bucket: at `open`, and when a fill finds it so
+(checked at most every `SEED_CHECK_INTERVAL`); an object met that the ledger does not know
+(`stat`) is adopted. Eviction deletes objects. A shared ledger that cannot be asked costs
+efficiency, not requests: hits are found with a HEAD, fills are relayed uncached.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import inspect
 import logging
 import os
 import tempfile
-from collections import OrderedDict
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +63,14 @@ from proxy.storage.blobstore import (
     _FdReader,
     _ThreadedFd,
     content_mismatch,
+)
+from proxy.storage.ledger import (
+    BlobLedger,
+    Eviction,
+    LedgerUnavailable,
+    MemoryLedger,
+    Reservation,
+    no_eviction,
 )
 from proxy.storage.manifest_cache import (
     MANIFEST_MEMORY,
@@ -84,6 +96,9 @@ SWEEP_AGE = 24 * 3600.0
 # client's GET starts, so it only needs to cover the redirect round trip and retries.
 REDIRECT_TTL = 600
 MEDIA_TYPE_KEY = "media-type"
+# How often (seconds, at most) the fill path checks that the ledger still holds the
+# bucket's listing (a shared one is emptied when Redis restarts empty).
+SEED_CHECK_INTERVAL = 10.0
 _DELETE_BATCH = 1000
 
 
@@ -93,92 +108,18 @@ def _storage_error(action: str, exc: Exception) -> ObjectStoreError:
     return error
 
 
-# -- accounting --------------------------------------------------------------------------
-
-
-class MemoryAccounting:
-    """Which blobs the store holds, in LRU order, and what the cap has promised: fills'
-    reservations, objects being deleted, leases. This process's view only (a ledger
-    shared through Redis can replace it for several replicas)."""
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self.index: OrderedDict[str, int] = OrderedDict()  # least recently used first
-        self.total = 0
-        self.filling = 0
-        self.removing = 0
-        self.leases: dict[str, int] = {}
-
-    @property
-    def used(self) -> int:
-        """Bytes in the bucket or promised to it: what `max_size` bounds."""
-        return self.total + self.filling + self.removing
-
-    def load(self, blobs: list[tuple[str, int]]) -> None:
-        """Start from a listing, oldest first."""
-        self.index = OrderedDict(blobs)
-        self.total = sum(self.index.values())
-
-    def size(self, digest: str) -> int | None:
-        return self.index.get(digest)
-
-    def touch(self, digest: str) -> None:
-        if digest in self.index:
-            self.index.move_to_end(digest)
-
-    def publish(self, digest: str, size: int, reserved: int) -> None:
-        """A fill's object is visible: its reservation becomes it."""
-        old = self.index.pop(digest, None)
-        if old is not None:
-            self.total -= old  # the same key was overwritten
-        self.index[digest] = size
-        self.total += size
-        self.filling -= reserved
-
-    def adopt(self, digest: str, size: int) -> None:
-        """An object found in the bucket that this view did not know (another replica's)."""
-        if digest not in self.index:
-            self.index[digest] = size
-            self.total += size
-
-    def forget(self, digest: str) -> int | None:
-        size = self.index.pop(digest, None)
-        if size is not None:
-            self.total -= size
-        return size
-
-    def victims(
-        self, incoming: int, protected: Collection[str]
-    ) -> tuple[list[tuple[str, int]], int]:
-        """Least recently used blobs, not leased or protected, whose removal makes room for
-        `incoming` more bytes; and the excess left (> 0: not enough could go)."""
-        excess = self.used + incoming - self.max_size
-        chosen: list[tuple[str, int]] = []
-        for digest, size in self.index.items():
-            if excess <= 0:
-                break
-            if digest in self.leases or digest in protected:
-                continue
-            chosen.append((digest, size))
-            excess -= size
-        return chosen, excess
-
-    def acquire(self, digest: str) -> None:
-        self.leases[digest] = self.leases.get(digest, 0) + 1
-
-    def release_lease(self, digest: str) -> None:
-        count = self.leases[digest] - 1
-        if count:
-            self.leases[digest] = count
-        else:
-            del self.leases[digest]
-
-
 # -- blobs -------------------------------------------------------------------------------
 
 
 class S3BlobStore:
-    """`BlobStore` on an S3 bucket (several replicas may share it)."""
+    """`BlobStore` on an S3 bucket (several replicas may share it), with `BlobRedirects`
+    and `SharedBlobs`.
+
+    The accounting is a `BlobLedger`: in memory for one replica, a `RedisLedger` for the
+    replicas sharing the bucket (then the cap is theirs together). The store does the
+    object work: it deletes the victims the ledger chose before the fill that evicted
+    them writes, and keeps the ledger truthful about what the bucket holds.
+    """
 
     def __init__(
         self,
@@ -188,24 +129,34 @@ class S3BlobStore:
         *,
         protected: Callable[[], Collection[str]] | None = None,
         on_evict: EvictHook | None = None,
-        accounting: MemoryAccounting | None = None,
+        ledger: BlobLedger | None = None,
         part_size: int = PART_SIZE,
         sweep_age: float = SWEEP_AGE,
+        seed_check_interval: float = SEED_CHECK_INTERVAL,
     ) -> None:
         self.bucket = bucket
         self.max_size = max_size
         self._spool = spool
         self._protected = protected
         self._on_evict = on_evict
-        self.accounting = accounting or MemoryAccounting(max_size)
+        self._ledger: BlobLedger = ledger if ledger is not None else MemoryLedger()
         self.part_size = part_size
         self.sweep_age = sweep_age
+        self._leases: dict[str, int] = {}
         self._gc_lock = asyncio.Lock()
         self._lock_fd = -1
+        self._seed_check_interval = seed_check_interval
+        self._seed_checked = 0.0
+        self._seeding: asyncio.Task[None] | None = None
+        self._last_stats = BlobStats(0, 0, max_size, 0)
 
     @property
     def _client(self) -> Any:
         return self.bucket.client
+
+    @property
+    def ledger(self) -> BlobLedger:
+        return self._ledger
 
     def key(self, digest: str) -> str:
         return self.bucket.key(BLOBS, digest)
@@ -213,16 +164,29 @@ class S3BlobStore:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self, *, exclusive: bool = True) -> None:
-        """Load the index from a listing of the bucket.
+        """Seed the ledger from a listing of the bucket, unless a shared ledger already
+        holds one (another replica seeded it).
 
         `exclusive` (the gate) locks the local spool folder, empties it, and aborts the
         multipart uploads a dead process left (older than `sweep_age`); without it (the
-        read-only `cache` commands) nothing is locked or removed.
+        read-only `cache` commands) nothing is locked or removed. A shared ledger that
+        cannot be asked (Redis down) does not stop the start: it is seeded when it answers.
         """
         if exclusive:
             await asyncio.to_thread(self._lock_spool)
             await self.sweep()
-        found: list[tuple[datetime.datetime, str, int]] = []
+        try:
+            seeded = await self._ledger.seeded()
+        except LedgerUnavailable as exc:
+            log.warning("blob ledger unavailable at start (%s): seeding it later", exc)
+            return
+        if not seeded:
+            await self._seed()
+        self._seed_checked = time.monotonic()
+
+    async def _listing(self) -> list[tuple[str, int, float]]:
+        """(digest, size, upload time) of every blob object under the prefix."""
+        found: list[tuple[str, int, float]] = []
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             async for page in paginator.paginate(
@@ -231,11 +195,44 @@ class S3BlobStore:
                 for item in page.get("Contents", []):
                     digest = self.bucket.digest_of_key(BLOBS, item["Key"])
                     if digest is not None:
-                        found.append((item["LastModified"], digest, int(item["Size"])))
+                        modified = item["LastModified"].timestamp()
+                        found.append((digest, int(item["Size"]), modified))
         except (ClientError, BotoCoreError) as exc:
             raise _storage_error("listing the bucket", exc) from exc
-        found.sort()
-        self.accounting.load([(digest, size) for _, digest, size in found])
+        return found
+
+    async def _seed(self) -> None:
+        # The LRU order of blobs the ledger does not know is their upload time (reads do
+        # not refresh it in the bucket).
+        found = await self._listing()
+        try:
+            await self._ledger.seed(found)
+        except LedgerUnavailable as exc:
+            log.warning("blob ledger unavailable (%s): seeding it later", exc)
+            return
+        log.info("blob ledger seeded from the bucket: %d blobs", len(found))
+
+    def _check_seeded(self) -> None:
+        """Now and then (from the fill path), whether a shared ledger lost its state
+        (Redis restarted empty): then list the bucket and seed it again, in the
+        background (fills go on meanwhile, counting only what the ledger knows)."""
+        now = time.monotonic()
+        if now - self._seed_checked < self._seed_check_interval:
+            return
+        if self._seeding is not None and not self._seeding.done():
+            return
+        self._seed_checked = now
+        self._seeding = asyncio.get_running_loop().create_task(
+            self._reseed(), name="blob ledger seed check"
+        )
+
+    async def _reseed(self) -> None:
+        try:
+            if not await self._ledger.seeded():
+                log.warning("the blob ledger lost its state: seeding it from the bucket")
+                await self._seed()
+        except (LedgerUnavailable, ObjectStoreError) as exc:
+            log.warning("could not check or seed the blob ledger: %s", exc)
 
     def _lock_spool(self) -> None:
         self._spool.mkdir(parents=True, exist_ok=True)
@@ -279,37 +276,48 @@ class S3BlobStore:
         return aborted
 
     async def close(self) -> None:
-        """Release the spool lock (the client belongs to whoever opened the bucket)."""
+        """Release the spool lock (the client and the ledger belong to whoever opened
+        them)."""
+        seeding, self._seeding = self._seeding, None
+        if seeding is not None:
+            seeding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await seeding
         if self._lock_fd >= 0:
             fd, self._lock_fd = self._lock_fd, -1
             os.close(fd)
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def path_for(self, digest: str) -> Path | None:
-        """No local files: blobs are read through `open_reader`."""
-        return None
-
     async def stat(self, digest: str) -> int | None:
         validate_digest(digest)
-        size = self.accounting.size(digest)
+        try:
+            size = await self._ledger.size_of(digest)
+        except LedgerUnavailable:
+            size = None  # ask the bucket itself: a hit is still served
         if size is not None:
             return size
-        # Not in this process's view: another replica may have published it since.
+        # Unknown to the ledger: published by a replica on another ledger (a `cache`
+        # command, a Redis that was down or emptied), or not cached at all.
+        size = await self._head(digest)
+        if size is not None:
+            with contextlib.suppress(LedgerUnavailable):
+                await self._ledger.published(digest, size)
+        return size
+
+    async def _head(self, digest: str) -> int | None:
         try:
             head = await self._client.head_object(Bucket=self.bucket.bucket, Key=self.key(digest))
         except (ClientError, BotoCoreError) as exc:
             if not is_missing(exc):
                 log.warning("object store HEAD of %s failed: %s", digest, exc)
             return None
-        size = int(head["ContentLength"])
-        self.accounting.adopt(digest, size)
-        return size
+        return int(head["ContentLength"])
 
     async def open_reader(self, digest: str) -> BlobReader | None:
         if await self.stat(digest) is None:
             return None
-        self.accounting.touch(digest)
+        self._ledger.touched(digest)
         return _ObjectReader(self, digest)
 
     async def redirect_url(self, digest: str) -> str | None:
@@ -317,7 +325,7 @@ class S3BlobStore:
         (the client fetches the bytes from the object store itself); else None."""
         if not self.bucket.redirect or await self.stat(digest) is None:
             return None
-        self.accounting.touch(digest)
+        self._ledger.touched(digest)
         url: str = await self._client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket.bucket, "Key": self.key(digest)},
@@ -327,69 +335,120 @@ class S3BlobStore:
 
     @contextlib.asynccontextmanager
     async def lease(self, digest: str) -> AsyncIterator[None]:
-        self.accounting.acquire(digest)
+        self._leases[digest] = self._leases.get(digest, 0) + 1
         try:
             yield
         finally:
-            self.accounting.release_lease(digest)
-
-    @property
-    def used(self) -> int:
-        return self.accounting.used
+            count = self._leases[digest] - 1
+            if count:
+                self._leases[digest] = count
+            else:
+                del self._leases[digest]
 
     async def stats(self) -> BlobStats:
-        account = self.accounting
-        return BlobStats(
-            len(account.index),
-            account.total,
+        try:
+            usage = await self._ledger.usage()
+        except LedgerUnavailable:
+            return self._last_stats  # the last known figures, rather than none
+        self._last_stats = BlobStats(
+            usage.blobs,
+            usage.bytes,
             self.max_size,
-            len(account.leases),
-            account.filling,
-            account.removing,
+            len(self._leases),
+            usage.filling,
+            usage.draining,
         )
+        return self._last_stats
+
+    async def _forget_gone(self, digest: str) -> None:
+        """The object is missing (another replica evicted it): the ledger forgets it."""
+        with contextlib.suppress(LedgerUnavailable):
+            await self._ledger.forget(digest, gone=True)
 
     # -- writes --------------------------------------------------------------------------
 
     async def begin_fill(self, digest: str, size: int | None = None) -> BlobWriter:
         algorithm = validate_digest(digest).partition(":")[0]
-        reserved = size or 0
-        await self._reserve(reserved)
+        reservation = await self._reserve(size or 0)
         try:
             fd, name = await asyncio.to_thread(self._spool_file, digest)
         except BaseException:
-            self.accounting.filling -= reserved
+            await self._release(reservation)
             raise
-        return _S3BlobWriter(self, digest, algorithm, fd, Path(name), reserved)
+        return _S3BlobWriter(self, digest, algorithm, fd, Path(name), reservation)
+
+    async def begin_relay(self, digest: str, size: int | None = None) -> BlobWriter:
+        """A fill spooled and verified for this replica's readers, never uploaded: the
+        replica whose fill it streams publishes the object (`SharedBlobs`)."""
+        algorithm = validate_digest(digest).partition(":")[0]
+        fd, name = await asyncio.to_thread(self._spool_file, digest)
+        # Nothing reserved: like every fill's spool, outside the cap.
+        return _S3BlobWriter(
+            self, digest, algorithm, fd, Path(name), Reservation("", 0), publish=False
+        )
 
     def _spool_file(self, digest: str) -> tuple[int, str]:
         self._spool.mkdir(parents=True, exist_ok=True)
         hexpart = digest.partition(":")[2]
         return tempfile.mkstemp(prefix=f"{hexpart[:16]}.", suffix=".part", dir=self._spool)
 
-    async def _reserve(self, size: int) -> None:
-        if size <= 0:
-            return
-        if size > self.max_size:
-            raise CacheFull(f"{size} bytes exceed the cache cap of {self.max_size}", never=True)
-        if self.accounting.used + size <= self.max_size:
-            self.accounting.filling += size
-            return
-        await self._evict(incoming=size, reserve=True)
+    def _skip(self) -> Collection[str]:
+        protected = self._protected() if self._protected else ()
+        return frozenset(self._leases).union(protected)
+
+    async def _reserve(self, size: int, reservation: Reservation | None = None) -> Reservation:
+        """As `FilesystemBlobStore._reserve`: count `size` more bytes of a fill, the
+        victims deleted before this returns; CacheFull when it cannot fit, and also when
+        the ledger cannot be asked (Redis down): an uncounted fill could pass a cap the
+        replicas share, so the blob is relayed instead of cached."""
+        self._check_seeded()
+        try:
+            if size <= 0:
+                return (await self._ledger.reserve(0, max_size=self.max_size))[0]
+            # One evictor at a time in this process: a reservation waits for the deletion
+            # of the one before, rather than evicting more for bytes about to go.
+            async with self._gc_lock:
+                reservation, eviction = await self._ledger.reserve(
+                    size, max_size=self.max_size, skip=self._skip(), reservation=reservation
+                )
+                await self._remove(eviction)
+        except LedgerUnavailable as exc:
+            raise CacheFull(f"the cache accounting is unavailable ({exc}): not caching") from exc
+        await self._evicted(eviction.victims)
+        return reservation
+
+    async def _release(self, reservation: Reservation) -> None:
+        try:
+            await self._ledger.release(reservation)
+        except LedgerUnavailable as exc:
+            # Not refreshed any more: it stops counting when its TTL runs out.
+            log.warning("blob ledger: cannot release a reservation now (%s)", exc)
+
+    async def _published(self, digest: str, size: int, reservation: Reservation) -> None:
+        try:
+            await self._ledger.published(digest, size, reservation)
+        except LedgerUnavailable as exc:
+            # The object is there; the ledger adopts it when it is next met (stat), and
+            # the reservation expires.
+            log.warning("blob ledger: %s published but not recorded (%s)", digest, exc)
 
     async def delete(self, digest: str) -> bool:
-        size = self.accounting.forget(digest)
-        if size is None:
-            size = await self.stat(digest)
-            self.accounting.forget(digest)
+        try:
+            eviction = await self._ledger.forget(digest)
+        except LedgerUnavailable as exc:
+            log.warning("blob ledger: cannot forget %s now (%s)", digest, exc)
+            eviction = None
+        if eviction is None:
+            size = await self._head(digest)
             if size is None:
                 return False
-        await self._remove([(digest, size)])
+            eviction = Eviction([(digest, size)], no_eviction().draining)
+        await self._remove(eviction)
         return True
 
-    async def _remove(self, victims: list[tuple[str, int]]) -> None:
-        # Counted until deleted, so no reservation takes the space early.
-        removing = sum(size for _, size in victims)
-        self.accounting.removing += removing
+    async def _remove(self, eviction: Eviction) -> None:
+        """Delete the objects the ledger forgot, then stop counting their bytes."""
+        victims = eviction.victims
         try:
             for start in range(0, len(victims), _DELETE_BATCH):
                 batch = victims[start : start + _DELETE_BATCH]
@@ -399,52 +458,51 @@ class S3BlobStore:
                         Bucket=self.bucket.bucket, Delete={"Objects": objects, "Quiet": True}
                     )
                 except (ClientError, BotoCoreError) as exc:
-                    # Forgotten already; the next start's listing finds it again.
+                    # Forgotten already; a later seed (or stat) finds it again.
                     log.error("cannot delete %d blobs from the object store: %s", len(batch), exc)
                     continue
                 for error in answer.get("Errors", []):
                     log.error("cannot delete %s: %s", error.get("Key"), error.get("Message"))
         finally:
-            self.accounting.removing -= removing
+            await self._release(eviction.draining)
 
-    async def gc(self) -> list[tuple[str, int]]:
-        return await self._evict(incoming=0)
-
-    async def _evict(self, incoming: int, *, reserve: bool = False) -> list[tuple[str, int]]:
-        """As `FilesystemBlobStore._evict`: LRU victims until `incoming` fits; with
-        `reserve`, all or nothing (CacheFull, nothing deleted)."""
-        async with self._gc_lock:
-            protected = frozenset(self._protected()) if self._protected else frozenset()
-            victims, excess = self.accounting.victims(incoming, protected)
-            if excess > 0 and reserve:
-                raise CacheFull(f"no room for {incoming} bytes: the rest of the cache is in use")
-            if reserve:
-                self.accounting.filling += incoming
-            for digest, _ in victims:
-                self.accounting.forget(digest)
-            if victims:
-                await self._remove(victims)
-            if excess > 0:
-                log.warning(
-                    "blob cache over its cap by %d bytes: the rest is leased or pinned", excess
-                )
+    async def _evicted(self, victims: list[tuple[str, int]]) -> None:
         if self._on_evict is not None:
             for digest, size in victims:
                 result = self._on_evict(digest, size)
                 if inspect.isawaitable(result):
                     await result
-        return victims
+
+    async def gc(self) -> list[tuple[str, int]]:
+        """Evict least-recently-used blobs until under the cap, as far as what is not
+        leased or pinned allows."""
+        async with self._gc_lock:
+            try:
+                eviction = await self._ledger.victims_for_gc(
+                    max_size=self.max_size, skip=self._skip()
+                )
+            except LedgerUnavailable as exc:
+                log.warning("blob ledger unavailable: no eviction now (%s)", exc)
+                return []
+            await self._remove(eviction)
+            if eviction.over > 0:
+                log.warning(
+                    "blob cache over its cap by %d bytes: the rest is leased or pinned",
+                    eviction.over,
+                )
+        await self._evicted(eviction.victims)
+        return eviction.victims
 
     async def verify(self, *, remove: bool = False) -> list[str]:
         bad: list[str] = []
-        for digest in list(self.accounting.index):
-            size = self.accounting.size(digest)
+        for digest, _ in await self._ledger.entries():
+            size = await self._ledger.size_of(digest)
             if size is None:
                 continue  # evicted meanwhile
             async with self.lease(digest):
                 ok = await self._object_matches(digest, size)
             if ok is None:
-                self.accounting.forget(digest)
+                await self._forget_gone(digest)
             elif not ok:
                 bad.append(digest)
                 if remove:
@@ -513,7 +571,7 @@ class _ObjectReader:
                 return False  # at or past the end
             if is_missing(exc):
                 # Removed behind this process (another replica evicted it): forget it.
-                store.accounting.forget(self._digest)
+                await store._forget_gone(self._digest)
             raise _storage_error(f"reading {self._digest}", exc) from exc
         self._body = response["Body"]
         self._pos = offset
@@ -551,12 +609,16 @@ class _S3BlobWriter:
         algorithm: str,
         fd: int,
         spool: Path,
-        reserved: int,
+        reservation: Reservation,
+        *,
+        publish: bool = True,
     ) -> None:
         self._store = store
+        # False for a relay (`begin_relay`): spooled and verified, never uploaded.
+        self._publish_it = publish
         self._digest = digest
         self._key = store.key(digest)
-        self._reserved = reserved
+        self._reservation = reservation
         self._hash = hashlib.new(algorithm)
         self._fd = _ThreadedFd(fd)
         self._spool = spool
@@ -579,10 +641,10 @@ class _S3BlobWriter:
     async def write(self, chunk: bytes) -> None:
         if self._finished:
             raise ValueError("write after commit or abort")
-        beyond = self._written + len(chunk) - self._reserved
-        if beyond > 0:
-            await self._store._reserve(beyond)
-            self._reserved += beyond
+        beyond = self._written + len(chunk) - self._reservation.size
+        if beyond > 0 and self._publish_it:
+            # Size unknown (or exceeded): reserve as the bytes come, before writing them.
+            await self._store._reserve(beyond, self._reservation)
 
         def spool(fd: int) -> None:
             view = memoryview(chunk)
@@ -592,6 +654,8 @@ class _S3BlobWriter:
 
         await self._fd.call(spool)
         self._written += len(chunk)
+        if not self._publish_it:
+            return
         self._buffer += chunk
         if len(self._buffer) >= self._store.part_size:
             part, self._buffer = bytes(self._buffer), bytearray()
@@ -650,14 +714,18 @@ class _S3BlobWriter:
             raise mismatch
         if on_verified is not None:
             on_verified()
+        if not self._publish_it:
+            self._finished = self._committed = True
+            await self._drop_spool()
+            return
         try:
             await self._publish()
         except BaseException:
             await self.abort()
             raise
-        # No await since the object appeared: the index takes it at once.
         self._finished = self._committed = True
-        self._store.accounting.publish(self._digest, self._written, self._reserved)
+        # The object is visible: its reservation becomes it.
+        await self._store._published(self._digest, self._written, self._reservation)
         await self._drop_spool()
 
     async def _publish(self) -> None:
@@ -708,7 +776,7 @@ class _S3BlobWriter:
                     log.warning("cannot abort the upload of %s: %s", self._digest, exc)
             await self._drop_spool()
         finally:
-            self._store.accounting.filling -= self._reserved
+            await self._store._release(self._reservation)
 
     async def _drop_spool(self) -> None:
         await self._fd.close()

@@ -3,7 +3,9 @@
 A `Backend` opens a blob or manifest store (again, to test what a restart sees), writes
 damaged content behind the store's back, and says what a crash left. `filesystem` is the
 embedded default; `s3` is the object-store backend against a real SeaweedFS, each test
-under a fresh key prefix of one bucket.
+under a fresh key prefix of one bucket; `s3-redis` is that store with its accounting in a
+`RedisLedger` on a real redis-server (as replicas with `redis:` run it), each test under a
+fresh key prefix there too.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio
+
 from proxy.settings import S3Settings
 from proxy.storage.blobstore import EvictHook, FilesystemBlobStore
+from proxy.storage.ledger import BlobLedger
 from proxy.storage.manifest_cache import FilesystemManifestStore
+from proxy.storage.redis_ledger import RedisLedger
 from proxy.storage.s3 import BLOBS, MANIFESTS, S3BlobStore, S3ManifestStore
 from proxy.storage.s3_client import S3Bucket, open_bucket
 from tests.support.engines import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, SeaweedS3
@@ -169,11 +175,16 @@ class S3Backend(Backend):
             max_size,
             protected=protected,
             on_evict=on_evict,
+            ledger=await self.ledger(),
             **extra,
         )
         await store.open(exclusive=exclusive)
         self._stack.push_async_callback(store.close)
         return store
+
+    async def ledger(self) -> BlobLedger | None:
+        """The accounting of a store opened by `blobs` (None: its own MemoryLedger)."""
+        return None
 
     async def manifests(self) -> S3ManifestStore:
         store = S3ManifestStore(await self._bucket())
@@ -223,13 +234,38 @@ class S3Backend(Backend):
         return len(files) + len(await self.uploads())
 
 
+class S3RedisBackend(S3Backend):
+    """S3 with the shared ledger: each store opened is a replica on one Redis ledger."""
+
+    name = "s3-redis"
+
+    def __init__(self, root: Path, seaweed: SeaweedS3, monkeypatch: Any, redis_url: str) -> None:
+        super().__init__(root, seaweed, monkeypatch)
+        self._redis_url = redis_url
+        self._prefix = f"t-{uuid.uuid4().hex[:12]}:"
+
+    async def ledger(self) -> BlobLedger:
+        client = redis.asyncio.Redis.from_url(self._redis_url)
+        self._stack.push_async_callback(client.aclose)
+        ledger = RedisLedger(client, key_prefix=self._prefix)
+        self._stack.push_async_callback(ledger.close)
+        return ledger
+
+
 @contextlib.asynccontextmanager
 async def backend_named(
-    name: str, root: Path, seaweed: Callable[[], SeaweedS3], monkeypatch: Any
+    name: str,
+    root: Path,
+    seaweed: Callable[[], SeaweedS3],
+    monkeypatch: Any,
+    redis_url: Callable[[], str] | None = None,
 ) -> AsyncIterator[Backend]:
     backend: Backend
     if name == "filesystem":
         backend = FilesystemBackend(root)
+    elif name == "s3-redis":
+        assert redis_url is not None
+        backend = S3RedisBackend(root, seaweed(), monkeypatch, redis_url())
     else:
         backend = S3Backend(root, seaweed(), monkeypatch)
     try:

@@ -154,7 +154,12 @@ def pin_stores(request: pytest.FixtureRequest, tmp_path: Path) -> PinStores:
 # -- content stores (blob and manifest): filesystem and S3 --------------------------------
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+CONTENT_BACKENDS = ["filesystem", "s3"]
+# The blob store also with its accounting shared in Redis (the manifest store has none).
+BLOB_BACKENDS = [*CONTENT_BACKENDS, "s3-redis"]
+
+
+@pytest.fixture(params=CONTENT_BACKENDS)
 async def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Backend]:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy.storage.ledger import BlobLedger, CacheFull, MemoryLedger
+from proxy.storage.ledger import BlobLedger, CacheFull, LedgerUnavailable, MemoryLedger
 from proxy.storage.redis_ledger import RedisLedger
 from tests.support.engines import RedisServer
 
@@ -180,10 +179,13 @@ async def test_gc_evicts_until_under_the_cap(replicas: Replicas) -> None:
 
 async def test_seed_adds_what_it_does_not_know_in_last_use_order(replicas: Replicas) -> None:
     ledger = replicas()
+    assert not await ledger.seeded()
     await holding(ledger, ("known", 5))
+    assert not await ledger.seeded()  # what a store publishes is no listing of it
     await ledger.seed([("new", 30, 2000.0), ("old", 20, 1000.0), ("known", 999, 1.0)])
     assert await ledger.entries() == [("old", 20), ("new", 30), ("known", 5)]
     assert (await ledger.usage()).bytes == 55
+    assert await ledger.seeded() and await replicas().seeded()
 
 
 async def test_replicas_agree(replicas: Replicas) -> None:
@@ -311,6 +313,8 @@ async def test_after_redis_restarts_empty_the_ledger_works_again(
     client = Redis.from_url(redis_server.redis_url)
     ledger = RedisLedger(client, key_prefix=f"test-{uuid.uuid4().hex}:")
     try:
+        await ledger.seed([])
+        assert await ledger.seeded()
         await holding(ledger, ("a", 100))
         ledger.touched("a")
         redis_server.restart()
@@ -319,9 +323,13 @@ async def test_after_redis_restarts_empty_the_ledger_works_again(
             try:
                 usage = await ledger.usage()
                 break
-            except RedisConnectionError:
+            except LedgerUnavailable:
                 await asyncio.sleep(0.1)
         assert (usage.blobs, usage.bytes) == (0, 0)
+        # The store learns that the listing is gone (and seeds the ledger again).
+        assert not await ledger.seeded()
+        await ledger.seed([("b", 10, 0.0)])
+        assert await ledger.seeded() and await ledger.size_of("b") == 10
         await ledger.reserve(100, max_size=100)
         assert (await ledger.usage()).filling == 100
     finally:

@@ -7,14 +7,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio
 
 from proxy.errors import DigestInvalid
 from proxy.storage.blobstore import CacheFull
-from proxy.storage.s3 import PART_SIZE
-from tests.contract.backends import Backend, S3Backend
+from proxy.storage.redis_ledger import RedisLedger
+from proxy.storage.s3 import PART_SIZE, S3BlobStore
+from tests.contract.backends import Backend, S3Backend, backend_named
+from tests.contract.conftest import BLOB_BACKENDS
+
+
+@pytest.fixture(params=BLOB_BACKENDS)
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Backend]:
+    """As the conftest's, with `s3-redis` too (the accounting in a shared ledger)."""
+    async with backend_named(
+        request.param,
+        tmp_path,
+        lambda: request.getfixturevalue("seaweed_s3"),
+        monkeypatch,
+        lambda: request.getfixturevalue("redis_server").redis_url,
+    ) as opened:
+        yield opened
+
 
 # More than one S3 part: the multipart path, not only the single PutObject.
 MULTIPART = PART_SIZE + 1_500_000
@@ -295,3 +317,63 @@ async def test_redirect_url_is_a_working_presigned_get_only_when_enabled(
             assert await response.read() == data
         async with session.get(url.replace("Signature=", "Signature=0")) as response:
             assert response.status == 403
+
+
+async def test_a_relay_is_readable_and_verified_but_never_stored(s3_backend: S3Backend) -> None:
+    """`SharedBlobs.begin_relay`: a fill streamed from another replica's fill is spooled
+    for this replica's readers and verified, but not uploaded (the other replica does)."""
+    store = await s3_backend.blobs()
+    data = os.urandom(MULTIPART)
+    digest = sha(data)
+    writer = await store.begin_relay(digest, len(data))
+    await writer.write(data[: PART_SIZE + 10])
+    reader = writer.open_reader()
+    assert await reader.read_at(PART_SIZE, 10) == data[PART_SIZE : PART_SIZE + 10]
+    await writer.write(data[PART_SIZE + 10 :])
+    assert await s3_backend.uploads() == []  # no part sent
+    await writer.commit(len(data))
+    assert await reader.read_at(len(data) - 10, 10) == data[-10:]
+    await reader.aclose()
+    assert await store.stat(digest) is None
+    assert await s3_backend.blob_objects() == []
+    assert await s3_backend.leftovers() == 0
+    assert (await store.stats()).used == 0
+
+    bad = await store.begin_relay(sha(b"promised"))
+    await bad.write(b"something else")
+    with pytest.raises(DigestInvalid):
+        await bad.commit()
+    assert await s3_backend.leftovers() == 0
+
+
+async def test_with_its_shared_ledger_down_a_hit_is_served_and_a_fill_refused(
+    s3_backend: S3Backend,
+) -> None:
+    """A replica whose Redis is down: it starts, serves what the bucket holds (a HEAD
+    instead of the ledger), and refuses fills with CacheFull (relayed uncached by the
+    pull path, not counted outside a cap the replicas share), never another error."""
+    data = os.urandom(300_000)
+    digest = await put(await s3_backend.blobs(), data)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = redis.asyncio.Redis(port=port, socket_connect_timeout=1, socket_timeout=1)
+    ledger = RedisLedger(client, key_prefix="down:")
+    assert s3_backend.bucket is not None
+    store = S3BlobStore(
+        s3_backend.bucket, s3_backend.root / "spool-down", 100_000_000, ledger=ledger
+    )
+    try:
+        await store.open()
+        assert await store.stat(digest) == len(data)
+        assert await read_all(store, digest) == data
+        with pytest.raises(CacheFull) as full:
+            await store.begin_fill(sha(b"new"), 3)
+        assert not full.value.never
+        assert (await store.stats()).count == 0  # the last figures known (none)
+        assert await store.gc() == []
+        assert await s3_backend.blob_objects() == [digest]
+    finally:
+        await store.close()
+        await ledger.close()
+        await client.aclose()

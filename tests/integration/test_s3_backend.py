@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.integration.test_cache import (
     cache_cli,
     get,
     manifest_path,
+    metric,
     push_image,
     sha256,
     unique_repo,
@@ -212,3 +214,58 @@ def test_a_missing_bucket_or_wrong_key_is_a_start_up_error_naming_it(
     assert "storage.s3.bucket: bucket 'no-such-bucket' does not exist" in missing.stderr
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "check the access and secret keys" in refused.stderr, refused.stderr
+
+
+def test_redirect_answers_307_to_a_presigned_url_serving_the_blob(
+    gate_factory: GateFactory,
+    seaweed_s3: SeaweedS3,
+    origin: DistributionRegistry,
+    origin_proxy: FaultProxy,
+    s3_keys: None,
+) -> None:
+    prefix = f"redirect-{uuid.uuid4().hex[:8]}/"
+    bucket_keys(seaweed_s3, prefix)  # the bucket exists
+    data = os.urandom(300_000)
+    image = push_image(RegistryClient(origin.host), unique_repo("redirect"), "v1", [data])
+    storage: dict[str, Any] = {
+        "backend": "s3",
+        "s3": {
+            **s3_settings(seaweed_s3.endpoint, BUCKET, prefix).model_dump(
+                mode="json", exclude_none=True
+            ),
+            "redirect": True,
+        },
+    }
+    gate = gate_factory(
+        {"upstreams": upstream_table({ORIGIN: origin_proxy}, 10.0), "storage": storage},
+        env=s3_environment(),
+        name="s3-redirect",
+    )
+    digest = sha256(data)
+    path = blob_path(ORIGIN, image.repo, digest)
+    # A miss is streamed through the gate (nothing to redirect to yet).
+    first = get(gate, path)
+    assert first.status == 200 and first.body == data, first
+    key = f"{prefix}{BLOBS}/sha256/{digest.removeprefix('sha256:')}"
+    wait_for(lambda: key in bucket_keys(seaweed_s3, prefix), "the blob in the bucket")
+
+    origin_proxy.reset()
+    hit = get(gate, path)
+    assert hit.status == 307, hit
+    location = hit.header("Location") or ""
+    assert location.startswith(seaweed_s3.endpoint), location
+    # The presigned URL is the access: no credentials of ours go with it.
+    with urllib.request.urlopen(location, timeout=30) as answer:
+        assert answer.status == 200
+        assert answer.read() == data
+    assert origin_proxy.count("GET", "blob") == 0, origin_proxy.summary()
+    assert metric(gate, "registry_gate_blob_redirects_total") == 1
+
+    # The held check comes first: a repository that does not hold the blob (its
+    # upstream says 404) gets no redirect to it.
+    other = get(gate, blob_path(ORIGIN, unique_repo("other"), digest))
+    assert other.status == 404, other
+    assert metric(gate, "registry_gate_blob_redirects_total") == 1
+    # A HEAD is answered by the gate itself.
+    head = get(gate, path, "HEAD")
+    assert head.status == 200 and head.header("Content-Length") == str(len(data)), head
