@@ -16,9 +16,11 @@ and the embedded filesystem implementation:
 Eviction is least-recently-used under a byte cap. The accounting (sizes, LRU order,
 reservations, which blobs to evict) is a `BlobLedger` (proxy/storage/ledger.py): by default
 an in-memory one rebuilt from the directory at start (order from file mtimes, which reads
-refresh now and then). This store does the file work: it deletes the victims the ledger
-chose before the fill that evicted them writes. A blob with a lease (being filled or read)
-or in the `protected` set (pinned images) is never evicted by this process.
+refresh now and then). Leases, reserving with eviction and `gc` are the `CapKeeper`'s
+(proxy/storage/capped.py), shared with the S3 store. This store does the file work: it
+deletes the victims the ledger chose before the fill that evicted them writes. A blob with
+a lease (being filled or read) or in the `protected` set (pinned images) is never evicted
+by this process.
 
 The cap bounds the blob bytes on disk, not only the published ones: a fill reserves its
 expected size before its first byte is written (more as it goes when the size is not
@@ -36,19 +38,20 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import inspect
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from proxy.errors import DigestInvalid
 from proxy.names.references import validate_digest
+from proxy.storage.capped import CapKeeper
+from proxy.storage.capped import EvictHook as EvictHook  # noqa: PLC0414 (re-exported)
 from proxy.storage.durable_files import make_durable
 from proxy.storage.ledger import BlobLedger, Eviction, MemoryLedger, Reservation
 from proxy.storage.ledger import CacheFull as CacheFull  # noqa: PLC0414 (re-exported)
@@ -64,11 +67,6 @@ HASH_CHUNK = 1024 * 1024
 ACCESS_PERSIST_INTERVAL = 300.0
 _ALGORITHMS = ("sha256", "sha512")
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
-
-
-# Told about each evicted blob (digest, size): metrics, and forgetting which repositories
-# held it. May be a coroutine function.
-EvictHook = Callable[[str, int], Awaitable[None] | None]
 
 
 class StorageLocked(RuntimeError):
@@ -307,8 +305,6 @@ class FilesystemBlobStore:
     ) -> None:
         self.root = root
         self.max_size = max_size
-        self._protected = protected
-        self._on_evict = on_evict
         self._blobs = root / "blobs"
         self._tmp = root / "tmp"
         self._ledger: BlobLedger = ledger if ledger is not None else MemoryLedger()
@@ -318,9 +314,15 @@ class FilesystemBlobStore:
         # Draining reservations of blobs deleted while leased: the lease holders may have
         # them open, so their bytes count until the last lease ends.
         self._open_drains: dict[str, list[Reservation]] = {}
-        self._leases: dict[str, int] = {}
         self._removing: dict[str, asyncio.Event] = {}
-        self._gc_lock = asyncio.Lock()
+        self._cap = CapKeeper(
+            self._ledger,
+            max_size,
+            remove=self._remove,
+            protected=protected,
+            on_evict=on_evict,
+            unleased=self._unleased,
+        )
         self._lock_fd = -1
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -413,20 +415,13 @@ class FilesystemBlobStore:
             return None
         return _FdReader(fd)
 
-    @contextlib.asynccontextmanager
-    async def lease(self, digest: str) -> AsyncIterator[None]:
-        self._leases[digest] = self._leases.get(digest, 0) + 1
-        try:
-            yield
-        finally:
-            count = self._leases[digest] - 1
-            if count:
-                self._leases[digest] = count
-            else:
-                del self._leases[digest]
-                if digest not in self._removing:
-                    # The last holder is gone: a blob deleted under it has left the disk.
-                    await self._release_open_drains(digest)
+    def lease(self, digest: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._cap.lease(digest)
+
+    async def _unleased(self, digest: str) -> None:
+        if digest not in self._removing:
+            # The last holder is gone: a blob deleted under it has left the disk.
+            await self._release_open_drains(digest)
 
     async def stats(self) -> BlobStats:
         usage = await self._ledger.usage()
@@ -434,7 +429,7 @@ class FilesystemBlobStore:
             usage.blobs,
             usage.bytes,
             self.max_size,
-            len(self._leases),
+            self._cap.lease_count,
             usage.filling,
             usage.draining,
         )
@@ -443,7 +438,7 @@ class FilesystemBlobStore:
 
     async def begin_fill(self, digest: str, size: int | None = None) -> BlobWriter:
         algorithm, _, hexpart = validate_digest(digest).partition(":")
-        reservation = await self._reserve(size or 0)
+        reservation = await self._cap.reserve(size or 0)
         try:
             fd, name = await asyncio.to_thread(
                 tempfile.mkstemp, prefix=f"{hexpart[:16]}.", suffix=".part", dir=self._tmp
@@ -452,27 +447,6 @@ class FilesystemBlobStore:
             await self._ledger.release(reservation)
             raise
         return _FilesystemBlobWriter(self, digest, algorithm, hexpart, fd, Path(name), reservation)
-
-    def _skip(self) -> Collection[str]:
-        protected = self._protected() if self._protected else ()
-        return frozenset(self._leases).union(protected)
-
-    async def _reserve(self, size: int, reservation: Reservation | None = None) -> Reservation:
-        """Count `size` more bytes of a fill against the cap (a new reservation, or more
-        of `reservation`), evicting to make room; CacheFull (and nothing evicted) when it
-        cannot fit. The victims are off the disk before this returns, so the fill's
-        writes never take the disk past the cap."""
-        if size <= 0:
-            return (await self._ledger.reserve(0, max_size=self.max_size))[0]
-        # One evictor at a time in this process: a reservation waits for the unlinking of
-        # the one before, rather than evicting more for bytes that are about to go.
-        async with self._gc_lock:
-            reservation, eviction = await self._ledger.reserve(
-                size, max_size=self.max_size, skip=self._skip(), reservation=reservation
-            )
-            await self._remove(eviction)
-        await self._evicted(eviction.victims)
-        return reservation
 
     async def _publish(self, digest: str, size: int, reservation: Reservation) -> None:
         # Called at once after the rename: the blob is now visible, its reservation
@@ -507,7 +481,7 @@ class FilesystemBlobStore:
             for digest, event in events.items():
                 del self._removing[digest]
                 event.set()
-            open_now = [digest for digest, _ in victims if digest in self._leases]
+            open_now = [digest for digest, _ in victims if self._cap.leased(digest)]
             if open_now:
                 self._open_drains.setdefault(open_now[0], []).append(eviction.draining)
             else:
@@ -519,13 +493,6 @@ class FilesystemBlobStore:
         for draining in self._open_drains.pop(digest, ()):
             await self._ledger.release(draining)
 
-    async def _evicted(self, victims: list[tuple[str, int]]) -> None:
-        if self._on_evict is not None:
-            for digest, size in victims:
-                result = self._on_evict(digest, size)
-                if inspect.isawaitable(result):
-                    await result
-
     async def delete(self, digest: str) -> bool:
         eviction = await self._ledger.forget(digest)
         if eviction is None:
@@ -536,16 +503,7 @@ class FilesystemBlobStore:
     async def gc(self) -> list[tuple[str, int]]:
         """Evict least-recently-used blobs until under the cap, as far as what is not
         leased or pinned allows."""
-        async with self._gc_lock:
-            eviction = await self._ledger.victims_for_gc(max_size=self.max_size, skip=self._skip())
-            await self._remove(eviction)
-            if eviction.over > 0:
-                log.warning(
-                    "blob cache over its cap by %d bytes: the rest is leased or pinned",
-                    eviction.over,
-                )
-        await self._evicted(eviction.victims)
-        return eviction.victims
+        return await self._cap.gc()
 
     async def verify(self, *, remove: bool = False) -> list[str]:
         bad: list[str] = []
@@ -601,7 +559,7 @@ class _FilesystemBlobWriter:
         beyond = self._written + len(chunk) - self._reservation.size
         if beyond > 0:
             # Size unknown (or exceeded): reserve as the bytes come, before writing them.
-            await self._store._reserve(beyond, self._reservation)
+            await self._store._cap.reserve(beyond, self._reservation)
 
         def write(fd: int) -> None:
             view = memoryview(chunk)

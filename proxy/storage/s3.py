@@ -26,8 +26,10 @@ process's view) for one replica, a `RedisLedger` shared by the replicas on one b
 their cap is one. A ledger that was never seeded, or lost its state (Redis restarted
 empty), is seeded from a listing of the bucket: at `open`, and when a fill finds it so
 (checked at most every `SEED_CHECK_INTERVAL`); an object met that the ledger does not know
-(`stat`) is adopted. Eviction deletes objects. A shared ledger that cannot be asked costs
-efficiency, not requests: hits are found with a HEAD, fills are relayed uncached.
+(`stat`) is adopted. Leases, reserving with eviction and `gc` are the `CapKeeper`'s
+(proxy/storage/capped.py), shared with the filesystem store; eviction here deletes objects.
+A shared ledger that cannot be asked costs efficiency, not requests: hits are found with a
+HEAD, fills are relayed uncached.
 """
 
 from __future__ import annotations
@@ -37,12 +39,11 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
-import inspect
 import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
@@ -58,12 +59,12 @@ from proxy.storage.blobstore import (
     BlobStats,
     BlobWriter,
     CacheFull,
-    EvictHook,
     StorageLocked,
     _FdReader,
     _ThreadedFd,
     content_mismatch,
 )
+from proxy.storage.capped import CapKeeper, EvictHook
 from proxy.storage.ledger import (
     BlobLedger,
     Eviction,
@@ -137,13 +138,12 @@ class S3BlobStore:
         self.bucket = bucket
         self.max_size = max_size
         self._spool = spool
-        self._protected = protected
-        self._on_evict = on_evict
         self._ledger: BlobLedger = ledger if ledger is not None else MemoryLedger()
+        self._cap = CapKeeper(
+            self._ledger, max_size, remove=self._remove, protected=protected, on_evict=on_evict
+        )
         self.part_size = part_size
         self.sweep_age = sweep_age
-        self._leases: dict[str, int] = {}
-        self._gc_lock = asyncio.Lock()
         self._lock_fd = -1
         self._seed_check_interval = seed_check_interval
         self._seed_checked = 0.0
@@ -333,17 +333,8 @@ class S3BlobStore:
         )
         return url
 
-    @contextlib.asynccontextmanager
-    async def lease(self, digest: str) -> AsyncIterator[None]:
-        self._leases[digest] = self._leases.get(digest, 0) + 1
-        try:
-            yield
-        finally:
-            count = self._leases[digest] - 1
-            if count:
-                self._leases[digest] = count
-            else:
-                del self._leases[digest]
+    def lease(self, digest: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._cap.lease(digest)
 
     async def stats(self) -> BlobStats:
         try:
@@ -354,7 +345,7 @@ class S3BlobStore:
             usage.blobs,
             usage.bytes,
             self.max_size,
-            len(self._leases),
+            self._cap.lease_count,
             usage.filling,
             usage.draining,
         )
@@ -392,30 +383,16 @@ class S3BlobStore:
         hexpart = digest.partition(":")[2]
         return tempfile.mkstemp(prefix=f"{hexpart[:16]}.", suffix=".part", dir=self._spool)
 
-    def _skip(self) -> Collection[str]:
-        protected = self._protected() if self._protected else ()
-        return frozenset(self._leases).union(protected)
-
     async def _reserve(self, size: int, reservation: Reservation | None = None) -> Reservation:
-        """As `FilesystemBlobStore._reserve`: count `size` more bytes of a fill, the
-        victims deleted before this returns; CacheFull when it cannot fit, and also when
-        the ledger cannot be asked (Redis down): an uncounted fill could pass a cap the
-        replicas share, so the blob is relayed instead of cached."""
+        """`CapKeeper.reserve` (the victims' objects deleted before this returns), with
+        the shared ledger's two cases: the check that it still holds the bucket's
+        listing, and CacheFull when it cannot be asked (Redis down): an uncounted fill
+        could pass a cap the replicas share, so the blob is relayed instead of cached."""
         self._check_seeded()
         try:
-            if size <= 0:
-                return (await self._ledger.reserve(0, max_size=self.max_size))[0]
-            # One evictor at a time in this process: a reservation waits for the deletion
-            # of the one before, rather than evicting more for bytes about to go.
-            async with self._gc_lock:
-                reservation, eviction = await self._ledger.reserve(
-                    size, max_size=self.max_size, skip=self._skip(), reservation=reservation
-                )
-                await self._remove(eviction)
+            return await self._cap.reserve(size, reservation)
         except LedgerUnavailable as exc:
             raise CacheFull(f"the cache accounting is unavailable ({exc}): not caching") from exc
-        await self._evicted(eviction.victims)
-        return reservation
 
     async def _release(self, reservation: Reservation) -> None:
         try:
@@ -466,32 +443,14 @@ class S3BlobStore:
         finally:
             await self._release(eviction.draining)
 
-    async def _evicted(self, victims: list[tuple[str, int]]) -> None:
-        if self._on_evict is not None:
-            for digest, size in victims:
-                result = self._on_evict(digest, size)
-                if inspect.isawaitable(result):
-                    await result
-
     async def gc(self) -> list[tuple[str, int]]:
         """Evict least-recently-used blobs until under the cap, as far as what is not
-        leased or pinned allows."""
-        async with self._gc_lock:
-            try:
-                eviction = await self._ledger.victims_for_gc(
-                    max_size=self.max_size, skip=self._skip()
-                )
-            except LedgerUnavailable as exc:
-                log.warning("blob ledger unavailable: no eviction now (%s)", exc)
-                return []
-            await self._remove(eviction)
-            if eviction.over > 0:
-                log.warning(
-                    "blob cache over its cap by %d bytes: the rest is leased or pinned",
-                    eviction.over,
-                )
-        await self._evicted(eviction.victims)
-        return eviction.victims
+        leased or pinned allows; nothing while a shared ledger cannot be asked."""
+        try:
+            return await self._cap.gc()
+        except LedgerUnavailable as exc:
+            log.warning("blob ledger unavailable: no eviction now (%s)", exc)
+            return []
 
     async def verify(self, *, remove: bool = False) -> list[str]:
         bad: list[str] = []

@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
@@ -86,17 +86,24 @@ def bucket_keys(seaweed: SeaweedS3, prefix: str) -> list[str]:
     return asyncio.run(listing())
 
 
+class S3Gates(Protocol):
+    def __call__(self, prefix: str, name: str, **s3: Any) -> GateProcess: ...
+
+
+@pytest.fixture
 def s3_gate(
-    gate_factory: GateFactory, seaweed: SeaweedS3, proxy: FaultProxy, prefix: str, name: str
-) -> GateProcess:
-    storage: dict[str, Any] = {
-        "backend": "s3",
-        "s3": s3_settings(seaweed.endpoint, BUCKET, prefix).model_dump(
-            mode="json", exclude_none=True
-        ),
-    }
-    config = {"upstreams": upstream_table({ORIGIN: proxy}, 10.0), "storage": storage}
-    return gate_factory(config, env=s3_environment(), name=name)
+    gate_factory: GateFactory, seaweed_s3: SeaweedS3, origin_proxy: FaultProxy, s3_keys: None
+) -> S3Gates:
+    """Starts a gate on the shared bucket under `prefix`, with the origin behind
+    `origin_proxy` (more `storage.s3` settings as keywords)."""
+
+    def start(prefix: str, name: str, **s3: Any) -> GateProcess:
+        settings = s3_settings(seaweed_s3.endpoint, BUCKET, prefix)
+        storage = {"backend": "s3", "s3": settings.model_dump(mode="json", exclude_none=True) | s3}
+        config = {"upstreams": upstream_table({ORIGIN: origin_proxy}, 10.0), "storage": storage}
+        return gate_factory(config, env=s3_environment(), name=name)
+
+    return start
 
 
 def pull_all(gate: GateProcess, image: Image) -> None:
@@ -112,11 +119,7 @@ def pull_all(gate: GateProcess, image: Image) -> None:
 
 
 def test_a_second_gate_on_the_same_bucket_serves_without_upstream_gets(
-    gate_factory: GateFactory,
-    seaweed_s3: SeaweedS3,
-    origin: DistributionRegistry,
-    origin_proxy: FaultProxy,
-    s3_keys: None,
+    s3_gate: S3Gates, seaweed_s3: SeaweedS3, origin: DistributionRegistry, origin_proxy: FaultProxy
 ) -> None:
     prefix = f"run-{uuid.uuid4().hex[:8]}/"
     assert bucket_keys(seaweed_s3, prefix) == []
@@ -126,7 +129,7 @@ def test_a_second_gate_on_the_same_bucket_serves_without_upstream_gets(
         RegistryClient(origin.host), unique_repo("s3"), "v1", [os.urandom(5000), big]
     )
 
-    first = s3_gate(gate_factory, seaweed_s3, origin_proxy, prefix, "s3-gate-a")
+    first = s3_gate(prefix, "s3-gate-a")
     origin_proxy.reset()
     pull_all(first, image)
     assert origin_proxy.count("GET", "blob") == len(image.blobs), origin_proxy.summary()
@@ -139,7 +142,7 @@ def test_a_second_gate_on_the_same_bucket_serves_without_upstream_gets(
     wait_for(lambda: wanted <= set(bucket_keys(seaweed_s3, prefix)), "objects in the bucket")
     assert set(bucket_keys(seaweed_s3, prefix)) == wanted  # nothing else (no partial)
 
-    second = s3_gate(gate_factory, seaweed_s3, origin_proxy, prefix, "s3-gate-b")
+    second = s3_gate(prefix, "s3-gate-b")
     assert second.config["storage"]["path"] != first.config["storage"]["path"]
     origin_proxy.reset()
     pull_all(second, image)
@@ -217,30 +220,13 @@ def test_a_missing_bucket_or_wrong_key_is_a_start_up_error_naming_it(
 
 
 def test_redirect_answers_307_to_a_presigned_url_serving_the_blob(
-    gate_factory: GateFactory,
-    seaweed_s3: SeaweedS3,
-    origin: DistributionRegistry,
-    origin_proxy: FaultProxy,
-    s3_keys: None,
+    s3_gate: S3Gates, seaweed_s3: SeaweedS3, origin: DistributionRegistry, origin_proxy: FaultProxy
 ) -> None:
     prefix = f"redirect-{uuid.uuid4().hex[:8]}/"
     bucket_keys(seaweed_s3, prefix)  # the bucket exists
     data = os.urandom(300_000)
     image = push_image(RegistryClient(origin.host), unique_repo("redirect"), "v1", [data])
-    storage: dict[str, Any] = {
-        "backend": "s3",
-        "s3": {
-            **s3_settings(seaweed_s3.endpoint, BUCKET, prefix).model_dump(
-                mode="json", exclude_none=True
-            ),
-            "redirect": True,
-        },
-    }
-    gate = gate_factory(
-        {"upstreams": upstream_table({ORIGIN: origin_proxy}, 10.0), "storage": storage},
-        env=s3_environment(),
-        name="s3-redirect",
-    )
+    gate = s3_gate(prefix, "s3-redirect", redirect=True)
     digest = sha256(data)
     path = blob_path(ORIGIN, image.repo, digest)
     # A miss is streamed through the gate (nothing to redirect to yet).
