@@ -91,6 +91,13 @@ MANIFESTS = "manifests"
 # S3's minimum part is 5 MiB; 8 MiB parts keep a fill's memory at ~16 MiB (one part
 # gathering, one sending) and stay under S3's 10,000-part limit up to ~80 GiB.
 PART_SIZE = 8 * 1024 * 1024
+# Small blobs (image configs, small layers) read once from the bucket stay in memory,
+# verified, up to SMALL_BLOB_MEMORY bytes in all: a warm hit on one then costs the held
+# check but no object-store GET (one GET costs ~1 ms of CPU in the S3 client). A blob is
+# immutable by digest, so a copy never goes stale; each hit still asks the ledger first,
+# so a blob evicted by any replica is not served from a memory copy.
+SMALL_BLOB = 256 * 1024
+SMALL_BLOB_MEMORY = 64 * 1024 * 1024
 # Incomplete uploads older than this are a dead process's (no live fill runs this long).
 SWEEP_AGE = 24 * 3600.0
 # How long a presigned blob URL (storage.s3.redirect) stays valid: checked when the
@@ -149,6 +156,7 @@ class S3BlobStore:
         self._seed_checked = 0.0
         self._seeding: asyncio.Task[None] | None = None
         self._last_stats = BlobStats(0, 0, max_size, 0)
+        self._small: LRUCache[str, bytes] = LRUCache(maxsize=SMALL_BLOB_MEMORY, getsizeof=len)
 
     @property
     def _client(self) -> Any:
@@ -315,10 +323,35 @@ class S3BlobStore:
         return int(head["ContentLength"])
 
     async def open_reader(self, digest: str) -> BlobReader | None:
-        if await self.stat(digest) is None:
+        size = await self.stat(digest)
+        if size is None:
             return None
         self._ledger.touched(digest)
+        if size <= SMALL_BLOB:
+            data = self._small.get(digest)
+            if data is None:
+                data = await self._read_small(digest, size)
+            if data is not None:
+                return BytesReader(data)
         return _ObjectReader(self, digest)
+
+    async def _read_small(self, digest: str, size: int) -> bytes | None:
+        """The whole small blob, verified, kept in memory; None (stream it instead) when
+        the bucket cannot give it now or it does not match its digest."""
+        try:
+            response = await self._client.get_object(
+                Bucket=self.bucket.bucket, Key=self.key(digest)
+            )
+            async with response["Body"] as body:
+                data: bytes = await body.read()
+        except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+            log.debug("object store GET of %s for memory failed: %s", digest, exc)
+            return None
+        if content_mismatch(digest, hashlib.new(digest.partition(":")[0], data), len(data), size):
+            log.warning("object %s does not match its digest; not kept in memory", digest)
+            return None
+        self._small[digest] = data
+        return data
 
     async def redirect_url(self, digest: str) -> str | None:
         """A presigned GET URL of the published blob when `storage.s3.redirect` is on
@@ -426,6 +459,8 @@ class S3BlobStore:
     async def _remove(self, eviction: Eviction) -> None:
         """Delete the objects the ledger forgot, then stop counting their bytes."""
         victims = eviction.victims
+        for digest, _ in victims:
+            self._small.pop(digest, None)
         try:
             for start in range(0, len(victims), _DELETE_BATCH):
                 batch = victims[start : start + _DELETE_BATCH]
@@ -486,6 +521,19 @@ class S3BlobStore:
                 return None
             raise _storage_error(f"reading {digest}", exc) from exc
         return count == size and hasher.hexdigest() == hexpart
+
+
+class BytesReader:
+    """`BlobReader` of a blob held in memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        return bytes(self._data[offset : offset + max(size, 0)])
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
 
 
 class _ObjectReader:

@@ -18,7 +18,7 @@ import redis.asyncio
 from proxy.errors import DigestInvalid
 from proxy.storage.blobstore import CacheFull
 from proxy.storage.redis_ledger import RedisLedger
-from proxy.storage.s3 import PART_SIZE, S3BlobStore
+from proxy.storage.s3 import PART_SIZE, SMALL_BLOB, S3BlobStore
 from tests.contract.backends import Backend, S3Backend, backend_named
 from tests.contract.conftest import BLOB_BACKENDS
 
@@ -377,3 +377,44 @@ async def test_with_its_shared_ledger_down_a_hit_is_served_and_a_fill_refused(
         await store.close()
         await ledger.close()
         await client.aclose()
+
+
+async def test_a_small_blob_is_read_from_the_bucket_once_then_from_memory(
+    s3_backend: S3Backend,
+) -> None:
+    """`SMALL_BLOB`s are verified and kept in memory: a later change to the object (here
+    damage) is not read again; a store that never read it streams what the bucket has."""
+    small, large = os.urandom(SMALL_BLOB), os.urandom(SMALL_BLOB + 1)
+    store = await s3_backend.blobs()
+    small_digest, large_digest = await put(store, small), await put(store, large)
+    assert await read_all(store, small_digest) == small
+    assert await read_all(store, large_digest) == large
+    await s3_backend.corrupt_blob(small_digest, b"x" * len(small))
+    await s3_backend.corrupt_blob(large_digest, b"y" * len(large))
+    assert await read_all(store, small_digest) == small  # memory
+    assert await read_all(store, large_digest) == b"y" * len(large)  # streamed each time
+    # Another replica has no copy, and does not keep a damaged one: it streams the object
+    # (as a filesystem store serves its file; `verify` is what finds the damage).
+    other = await s3_backend.blobs(exclusive=False)
+    assert await read_all(other, small_digest) == b"x" * len(small)
+    await s3_backend.corrupt_blob(small_digest, b"z" * len(small))
+    assert await read_all(other, small_digest) == b"z" * len(small)
+
+
+async def test_a_small_blob_deleted_through_one_replica_is_not_served_from_anothers_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    async with backend_named(
+        "s3-redis",
+        tmp_path,
+        lambda: request.getfixturevalue("seaweed_s3"),
+        monkeypatch,
+        lambda: request.getfixturevalue("redis_server").redis_url,
+    ) as replicas:
+        first, second = await replicas.blobs(), await replicas.blobs(exclusive=False)
+        data = os.urandom(1000)
+        digest = await put(first, data)
+        assert await read_all(second, digest) == data  # now in second's memory
+        assert await first.delete(digest)
+        assert await second.open_reader(digest) is None
+        assert await second.stat(digest) is None
