@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -73,6 +74,12 @@ def idle_seconds() -> float:
     return int(fields[4]) / CLOCK_TICKS
 
 
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have exited (the load tool's runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def tree_cpu(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 
@@ -87,7 +94,7 @@ def measure(
     pids = process_tree(gate.pid)
     rates, errors = [], 0.0
     cpu_before, engines_before, requests = tree_cpu(pids), tree_cpu(extra_pids), 0.0
-    idle_before = idle_seconds()
+    idle_before, load_tool_before = idle_seconds(), children_cpu()
     for _ in range(args.runs):
         got = load(url, 16, args.seconds, headers)
         rates.append(got["rps"])
@@ -96,6 +103,8 @@ def measure(
     cpu = tree_cpu(pids) - cpu_before
     engines = tree_cpu(extra_pids) - engines_before
     idle = idle_seconds() - idle_before
+    load_tool = children_cpu() - load_tool_before
+    loaded = args.runs * args.seconds
     figures = {
         "manifest_rps": statistics.median(rates),
         "manifest_rps_min": min(rates),
@@ -103,8 +112,12 @@ def measure(
         "errors": errors,
         "cpu_us_per_request": cpu / requests * 1e6 if requests else math.nan,
         "redis_us_per_request": engines / requests * 1e6 if requests else math.nan,
-        # Idle CPU left on the machine while loaded (all cores, share of one run's time).
-        "idle_cores": idle / (args.runs * args.seconds),
+        # Cores used while loaded (CPU seconds per second of load): the gate's processes,
+        # the load tool's (wrk runs as a child and exits after each run) and the idle
+        # CPU left on the machine: what a second worker could have had.
+        "gate_cores": cpu / loaded,
+        "load_tool_cores": load_tool / loaded,
+        "idle_cores": idle / loaded,
         "processes": float(len(process_tree(gate.pid))),
     }
     print(f"{label}: {json.dumps(figures)}", file=sys.stderr)
@@ -185,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     one, many = results["gate-w1"], results[f"gate-w{args.workers}"]
     print(
         f"{'warm manifest by tag GET, 16 connections':44} {'req/s (median)':>15} "
-        f"{'min-max':>13} {'gate CPU us/req':>16} {'redis us/req':>13} {'idle cores':>11}"
+        f"{'min-max':>13} {'gate CPU us/req':>16} {'redis us/req':>13} {'gate cores':>11} "
+        f"{'wrk cores':>10} {'idle cores':>11}"
     )
     for label, figures in results.items():
         spread = f"{figures['manifest_rps_min']:.0f}-{figures['manifest_rps_max']:.0f}"
         print(
             f"{label:44} {figures['manifest_rps']:15.0f} {spread:>13} "
             f"{figures['cpu_us_per_request']:16.0f} {figures['redis_us_per_request']:13.0f} "
+            f"{figures['gate_cores']:11.2f} {figures['load_tool_cores']:10.2f} "
             f"{figures['idle_cores']:11.2f}"
         )
     ratio = many["manifest_rps"] / one["manifest_rps"] if one["manifest_rps"] else math.nan
