@@ -379,6 +379,11 @@ class Pusher:
         try:
             handed = await self.handoff.forward(owner, method, token, hop, body)
         except ClientBodyFailed as failed:
+            if not failed.reached_owner:
+                # The owner saw nothing (its session is as the id says): cancelled here.
+                await self._abort(
+                    self._session(repository, address, sealed.location), failed.failure
+                )
             raise _client_error(failed.failure) from failed
         except OwnerGone as gone:
             session = self._session(repository, address, sealed.location)

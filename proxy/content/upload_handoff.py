@@ -34,10 +34,12 @@ during a reload).
 What flows: the client's body is streamed (never held: memory stays flat however large
 a PATCH), still held to `uploads.min_rate` here, as the owner holds the hop to it too;
 a client that fails mid-body breaks the hop's body, so the owner sees a cut body and
-cancels the session upstream, as it would for its own client. The owner's answer is
-small (upload answers have no content beyond an OCI error document; it is read up to
-64 KiB) and relayed with its status, the OCI headers and its `Location`, which the owner
-built in the client's addressing form (the gate's own, never a peer URL).
+cancels the session upstream, as it would for its own client (and when the client failed
+before its first byte, the request never left: the relaying replica cancels it). The
+owner's answer is small (upload answers have no content beyond an OCI error document;
+it is read up to 64 KiB) and relayed with its status, the OCI headers and its
+`Location`, which the owner built in the client's addressing form (the gate's own,
+never a peer URL).
 
 The owner marks every answer it gives as owner (`X-Gate-Upload-Owner`). An answer
 without the mark (a replica draining or restarted on that address, one that refuses
@@ -95,11 +97,14 @@ class OwnerGone(Exception):
 
 
 class ClientBodyFailed(Exception):
-    """The client's body failed while it was relayed (too slow, or the client went)."""
+    """The client's body failed while it was relayed (too slow, or the client went);
+    `reached_owner`: whether any of it was sent (else the owner never saw the request,
+    and its session is as the upload id says)."""
 
-    def __init__(self, failure: ClientFailure) -> None:
+    def __init__(self, failure: ClientFailure, reached_owner: bool) -> None:
         super().__init__(failure)
         self.failure = failure
+        self.reached_owner = reached_owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +181,8 @@ class _RelayedBody:
             source, _NoHash(), min_rate=uploads.min_rate, window=uploads.min_rate_window
         )
         self.complete = False
+        # The request goes out with its first chunk: before that, the owner saw nothing.
+        self.started = False
 
     @property
     def failure(self) -> ClientFailure | None:
@@ -183,9 +190,10 @@ class _RelayedBody:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._body:
+            self.started = True
             yield chunk
         if self._body.failure is not None:
-            raise ClientBodyFailed(self._body.failure)
+            raise ClientBodyFailed(self._body.failure, self.started)
         self.complete = True
 
 
@@ -277,7 +285,7 @@ class UploadHandoff:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             if relay is not None and relay.failure is not None:
                 self.count("client_failed")
-                raise ClientBodyFailed(relay.failure) from exc
+                raise ClientBodyFailed(relay.failure, relay.started) from exc
             gone = OwnerGone(repr(exc))
             self._gone(owner, gone)
             raise gone from exc

@@ -25,6 +25,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -394,3 +395,40 @@ def test_skopeo_pushes_multi_layer_images_through_two_workers(
     assert relayed > 0, f"no upload request crossed workers in {pushes} pushes"
     assert metrics.value(FORWARDS, outcome="owner_gone") == 0
     assert metrics.value(ABORTS, reason="unverifiable", cancelled="yes") == 0
+
+
+@pytest.mark.parametrize("pause", [0.0, 1.0], ids=["at-once", "after-relaying-some"])
+def test_a_client_gone_mid_body_through_another_replica_leaves_nothing_upstream(
+    replicas: ReplicaSet, origin: DistributionRegistry, pause: float
+) -> None:
+    a, b, _ = replicas
+    repo = unique_repo("handoff")
+    first = patched(a, start(a, repo), os.urandom(200_000), 0)
+    location, session = public(first.headers["Location"]), first.headers["Docker-Upload-UUID"]
+    aborts = {g.name: scrape(g.url).value(ABORTS, reason="client_gone") for g in (a, b)}
+    host, port = b.url.removeprefix("http://").rsplit(":", 1)
+    # Through B, a PATCH announcing 2 MB that stops after 300 KB: the client goes away,
+    # at once, or once B had time to relay some of it to A.
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(
+            f"PATCH {location} HTTP/1.1\r\nHost: {b.host}\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Range: 200000-2199999\r\n"
+            "Content-Length: 2000000\r\n\r\n".encode()
+            + os.urandom(300_000)
+        )
+        time.sleep(pause)
+    wait_for(lambda: session not in sessions_left(origin, repo), "the session's cancel")
+    wait_for(
+        lambda: scrape(b.url).value(FORWARDS, outcome="client_failed") == 1,
+        "B to count the client's failure",
+    )
+    # Whoever cancelled (B when nothing reached A, else A, which saw a cut body) counts it.
+    wait_for(
+        lambda: any(
+            scrape(g.url).value(ABORTS, reason="client_gone") > aborts[g.name] for g in (a, b)
+        ),
+        "the cancel to be counted",
+    )
+    if pause:
+        # Bytes had reached A: A saw the cut body and cancelled with its latest state.
+        assert scrape(a.url).value(ABORTS, reason="client_gone", cancelled="yes") > aborts[a.name]
