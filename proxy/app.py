@@ -19,16 +19,18 @@ from proxy.auth.authenticator import Authenticator
 from proxy.auth.credentials import UserDirectory
 from proxy.auth.login_limits import LoginLimiter
 from proxy.auth.tokens import TokenIssuer, TokenVerifier, load_private_key
-from proxy.auth.upload_tokens import UploadSealer
+from proxy.auth.upload_tokens import UploadOwner, UploadSealer
 from proxy.content.pull_through import PullThrough
 from proxy.content.push import Pusher
 from proxy.content.replica_fills import ReplicaFills
+from proxy.content.upload_handoff import UploadHandoff
 from proxy.http.drain import DRAIN, Drain, drain_middleware
 from proxy.http.middleware import auth_middleware, error_middleware
 from proxy.http.operator_routes import add_operator_routes
 from proxy.http.replica_routes import add_replica_routes
 from proxy.http.routes import add_routes
 from proxy.http.token_routes import add_token_routes
+from proxy.http.upload_hop_routes import add_upload_hop_routes
 from proxy.observability.audit import AuditLog
 from proxy.observability.metrics import Metrics
 from proxy.policy.gatekeeper import Gatekeeper
@@ -84,11 +86,14 @@ def build_services(settings: Settings, upstreams: Mapping[str, Registry] | None 
     )
     # Replicas that share upload sessions must share this secret (settings.upload_secret).
     secret = (settings.upload_secret or secrets.token_hex(32)).encode()
+    # With several replicas, each upload id names the replica holding its running hash.
+    handoff = UploadHandoff.from_settings(settings, metrics)
+    owner = UploadOwner(settings.replica.id, settings.peer_url()) if handoff else None
     return Services(
         settings=settings,
         clients=clients,
         pull=pull,
-        pusher=Pusher(clients, UploadSealer(secret), metrics, settings.uploads),
+        pusher=Pusher(clients, UploadSealer(secret, owner), metrics, settings.uploads, handoff),
         metrics=metrics,
         audit=audit,
         holder=holder,
@@ -162,11 +167,16 @@ async def _upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     for client in services.clients.values():
         await client.start()
+    handoff = services.pusher.handoff
+    if handoff is not None:
+        await handoff.start()
     yield
     # Coalesced upstream exchanges (background tag revalidations) use the clients.
     await services.pull.close()
     # Uploads cut by the shutdown are cancelled upstream before the pools close.
     await services.pusher.drain()
+    if handoff is not None:
+        await handoff.close()
     for client in services.clients.values():
         await client.close()
 
@@ -259,6 +269,8 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     add_routes(app)
     if app[SERVICES].pull.replicas is not None:
         add_replica_routes(app)
+    if app[SERVICES].pusher.handoff is not None:
+        add_upload_hop_routes(app)
     add_token_routes(app)
     add_operator_routes(
         app,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.auth.upload_tokens import SealedUpload, UploadSealer
+from proxy.auth.upload_tokens import SealedUpload, UploadOwner, UploadSealer
 from proxy.errors import BlobUploadUnknown
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -148,3 +148,25 @@ def test_seal_open_property(registry: str, repository: str, location: str) -> No
     assert sealer().open(token, registry, repository).location == location
     with pytest.raises(BlobUploadUnknown):
         sealer().open(token, registry, repository + "x")
+
+
+def test_an_owner_is_sealed_with_the_id_and_cannot_be_changed() -> None:
+    owner = UploadOwner("replica-a", "http://10.0.0.7:5000")
+    token = UploadSealer(SECRET, owner).seal("quay.io", "team/app", LOCATION, 42)
+    # Any replica sharing the secret opens it and learns the owner.
+    assert sealer().open(token, "quay.io", "team/app") == SealedUpload(LOCATION, 42, owner)
+    raw = unb64(token)
+    mac, payload = raw[:16], raw[16:]
+    refused(b64(mac + payload.replace(b"10.0.0.7", b"10.6.6.6")))
+    refused(b64(mac + payload.replace(b"replica-a", b"replica-b")))
+
+
+def test_ids_without_an_owner_still_open_and_malformed_owners_are_refused() -> None:
+    # Ids sealed by a single process (or before owners were sealed) name no owner.
+    token = sealer().seal("quay.io", "team/app", LOCATION, 7)
+    assert sealer().open(token, "quay.io", "team/app").owner is None
+    for extra in ([1, 2], ["only-one"], ["a", "b", "c"], ["a", None]):
+        fields = ["quay.io", "team/app", LOCATION, 7, *extra]
+        payload = json.dumps(fields).encode()
+        mac = hmac.new(SECRET, payload, hashlib.sha256).digest()[:16]
+        refused(b64(mac + payload))

@@ -7,6 +7,13 @@ replicas (they share the secret), and a client cannot point an upload at another
 repository or host by editing the id. The id also seals how many bytes the gate had
 passed into the session when it issued the id, so a replica can tell whether the
 session's content went through it (see `proxy/content/upload_sessions.py`).
+
+With several replicas (`redis` configured) the id also seals its owner: the replica
+that holds the session's running digest (`replica.id`) and where the other replicas
+reach it (its peer URL). A replica handed an id it does not own relays the request there
+(`proxy/content/upload_handoff.py`); since only the gate can seal an id, a client cannot
+make a replica send anything to an address of its choosing. An id without an owner (a
+single process, or one issued before this field existed) is continued where it lands.
 """
 
 from __future__ import annotations
@@ -31,18 +38,30 @@ def _unb64(text: str) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadOwner:
+    """The replica holding an upload session's running digest, and its peer URL."""
+
+    replica: str
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
 class SealedUpload:
-    """What an upload id carries: the upstream path and query, and the bytes passed so far."""
+    """What an upload id carries: the upstream path and query, the bytes passed so far,
+    and the replica owning it (None: no owner named, continued where it lands)."""
 
     location: str
     offset: int
+    owner: UploadOwner | None = None
 
 
 class UploadSealer:
-    """Seals and opens upload ids with one secret."""
+    """Seals and opens upload ids with one secret; `owner`: this replica, named in
+    every id it seals (None: a single process, ids name no owner)."""
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, owner: UploadOwner | None = None) -> None:
         self._secret = secret
+        self.owner = owner
 
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
@@ -51,7 +70,10 @@ class UploadSealer:
         self, registry: str, repository: str, upstream_path_and_query: str, offset: int = 0
     ) -> str:
         """An opaque id binding an upstream upload URL (and its offset) to a repository."""
-        payload = json.dumps([registry, repository, upstream_path_and_query, offset]).encode()
+        fields: list[object] = [registry, repository, upstream_path_and_query, offset]
+        if self.owner is not None:
+            fields += [self.owner.replica, self.owner.url]
+        payload = json.dumps(fields).encode()
         return _b64(self._mac(payload) + payload)
 
     def open(self, token: str, registry: str, repository: str) -> SealedUpload:
@@ -64,11 +86,17 @@ class UploadSealer:
         if not hmac.compare_digest(mac, self._mac(payload)):
             raise BlobUploadUnknown("unknown upload session")
         try:
-            sealed_registry, sealed_repository, location, offset = json.loads(payload)
+            fields = json.loads(payload)
+            sealed_registry, sealed_repository, location, offset, *named = fields
         except (ValueError, TypeError) as exc:
             raise BlobUploadUnknown("unknown upload session") from exc
         if (sealed_registry, sealed_repository) != (registry, repository):
             raise BlobUploadUnknown("upload session belongs to another repository")
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise BlobUploadUnknown("unknown upload session")
-        return SealedUpload(str(location), offset)
+        owner = None
+        if named:
+            if len(named) != 2 or not all(isinstance(item, str) for item in named):
+                raise BlobUploadUnknown("unknown upload session")
+            owner = UploadOwner(named[0], named[1])
+        return SealedUpload(str(location), offset, owner)

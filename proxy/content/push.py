@@ -13,6 +13,11 @@ otherwise: wrong or missing digest, a client below the minimum rate or gone mid-
 upstream failing mid-body, a session this process cannot verify, or policy refusing a
 later request of the upload. Distribution 2.8 keeps the bytes of a session whose PUT
 fails its digest check, so the gate never sends one that would.
+
+With several replicas, a request for a session another replica owns (bytes went in
+there) is handed to that replica (`proxy/content/upload_handoff.py`, which says where
+authentication, policy and audit happen); a request for a session before its first byte
+is continued here, whichever replica started it.
 """
 
 from __future__ import annotations
@@ -26,10 +31,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from multidict import CIMultiDict
 
-from proxy.auth.upload_tokens import SealedUpload, UploadSealer
+from proxy.auth.upload_tokens import SealedUpload, UploadOwner, UploadSealer
 from proxy.content import referrers
 from proxy.content.manifest_checks import MAX_MANIFEST_SIZE
 from proxy.content.upload_body import ClientBody, ClientFailure, Hasher
+from proxy.content.upload_handoff import (
+    ClientBodyFailed,
+    HopRequest,
+    OwnerGone,
+    UploadHandoff,
+)
 from proxy.content.upload_sessions import SessionKey, UploadLedger, UploadProgress
 from proxy.errors import (
     BlobUploadInvalid,
@@ -165,8 +176,11 @@ class Pusher:
         sealer: UploadSealer,
         metrics: Metrics,
         uploads: UploadSettings | None = None,
+        handoff: UploadHandoff | None = None,
     ) -> None:
         self.clients = clients
+        # With several replicas: where requests for another replica's sessions go.
+        self.handoff = handoff
         self.sealer = sealer
         self.metrics = metrics
         self.uploads = uploads or UploadSettings()
@@ -289,9 +303,19 @@ class Pusher:
         query: Mapping[str, str],
         headers: Mapping[str, str],
         body: AsyncIterator[bytes] | None,
+        *,
+        hop: bool = False,
     ) -> Forwarded:
-        """PATCH, PUT, GET (status) or DELETE (cancel) an upload session."""
+        """PATCH, PUT, GET (status) or DELETE (cancel) an upload session.
+
+        `hop`: another replica handed this request here as the session's owner.
+        """
         sealed = self.sealer.open(token, repository.registry, repository.path)
+        owner = self._owner_elsewhere(sealed, hop)
+        if owner is not None:
+            return await self._hand_off(
+                owner, method, repository, address, token, sealed, query, headers, body
+            )
         session = self._session(repository, address, sealed.location)
         if method == "DELETE":
             self.ledger.forget(session.key)
@@ -314,6 +338,65 @@ class Pusher:
             if method == "PATCH":
                 return await self._append(session, progress, progress.hasher, body, headers)
             return await self._complete(session, progress, query.get("digest"), body, headers)
+
+    def _owner_elsewhere(self, sealed: SealedUpload, hop: bool) -> UploadOwner | None:
+        """The replica to hand this session's request to (None: it is continued here)."""
+        me = self.sealer.owner
+        mine = me is not None and sealed.owner is not None and sealed.owner.replica == me.replica
+        if hop:
+            if not mine:
+                # A hop is sent only to the owner an id names: never handed on again.
+                raise BlobUploadUnknown("this replica does not own that upload session")
+            return None
+        if mine or sealed.owner is None or self.handoff is None or sealed.offset == 0:
+            # Nothing passed into the session yet: nothing to verify elsewhere.
+            return None
+        return sealed.owner
+
+    async def _hand_off(
+        self,
+        owner: UploadOwner,
+        method: str,
+        repository: Repository,
+        address: ClientAddress,
+        token: str,
+        sealed: SealedUpload,
+        query: Mapping[str, str],
+        headers: Mapping[str, str],
+        body: AsyncIterator[bytes] | None,
+    ) -> Forwarded:
+        """Relay the request to the replica owning the session (its hash is there)."""
+        assert self.handoff is not None
+        hop = HopRequest(
+            repository.registry,
+            repository.path,
+            address.name,
+            address.ns,
+            query.get("digest"),
+            headers.get("Content-Range"),
+            headers.get("Content-Type"),
+        )
+        try:
+            handed = await self.handoff.forward(owner, method, token, hop, body)
+        except ClientBodyFailed as failed:
+            if not failed.reached_owner:
+                # The owner saw nothing (its session is as the id says): cancelled here.
+                await self._abort(
+                    self._session(repository, address, sealed.location), failed.failure
+                )
+            raise _client_error(failed.failure) from failed
+        except OwnerGone as gone:
+            session = self._session(repository, address, sealed.location)
+            if method == "DELETE":
+                return await self._send(session, "DELETE")
+            await self._abort(session, "owner_gone")
+            raise BlobUploadUnknown(
+                "the gate replica that received this upload's content is gone: start the "
+                "upload again",
+                headers={"Connection": "close"} if body is not None else None,
+            ) from gone
+        handed.headers["Content-Length"] = "0"
+        return Forwarded(handed.status, handed.headers)
 
     async def abandon(self, repository: Repository, address: ClientAddress, token: str) -> None:
         """Cancel the session of a request policy refused: the upload cannot go on."""

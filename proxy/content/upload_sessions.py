@@ -7,10 +7,10 @@ That hash has to run across requests (POST, PATCH..., PUT) and `hashlib` state c
 exported, so it lives here, in the process: a bounded table keyed by upstream session,
 each entry with the SHA-256 so far, its offset and a lock (one writer at a time).
 
-A session whose entry is not here (started on another replica, or before a restart, or
-evicted) cannot be verified once bytes went into it; the pusher cancels it rather than
-risk a failing PUT (see the README's limitations: replicas need session affinity for
-pushes).
+A session whose entry is not here (before a restart, evicted, or, without Redis, on
+another process) cannot be verified once bytes went into it; the pusher cancels it rather
+than risk a failing PUT. With Redis, a request for a session another replica owns is
+handed to that replica instead (`proxy/content/upload_handoff.py`).
 """
 
 from __future__ import annotations

@@ -209,7 +209,8 @@ async def _referrers(
     return web.Response(status=200, body=answer.body, headers=headers)
 
 
-def _body(request: web.Request) -> AsyncIterator[bytes] | None:
+def client_body(request: web.Request) -> AsyncIterator[bytes] | None:
+    """The request's body as chunks, or None when it has none."""
     if request.content_length == 0 or (
         request.content_length is None and "Transfer-Encoding" not in request.headers
     ):
@@ -244,12 +245,18 @@ async def _write(
             source_access = await gatekeeper.check_pull(context, source, None, "blob")
             mount_from = source_access.location
         forwarded = await services.pusher.start_upload(
-            repository, address, request.query, request.headers, _body(request), mount_from
+            repository, address, request.query, request.headers, client_body(request), mount_from
         )
     elif route.kind == "upload" and method in ("PATCH", "PUT", "GET", "DELETE"):
         assert route.ref is not None
         forwarded = await services.pusher.continue_upload(
-            method, repository, address, route.ref, request.query, request.headers, _body(request)
+            method,
+            repository,
+            address,
+            route.ref,
+            request.query,
+            request.headers,
+            client_body(request),
         )
     elif route.kind == "manifest" and method == "PUT":
         assert route.ref is not None

@@ -300,6 +300,15 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.upload_forwards = Counter(
+            "registry_gate_upload_forwards_total",
+            "Upload requests for a session another replica owns, handed to it, by outcome "
+            "(relayed: the owner answered; owner_gone: it did not answer as owner, the "
+            "session was cancelled; client_failed: the client's body failed on the way; "
+            "refused: a hop to this replica not signed with the shared secret).",
+            ["outcome"],
+            registry=registry,
+        )
         self.stale_served = Counter(
             "registry_gate_stale_served_total",
             "Cached answers served stale because their upstream failed, by upstream and kind "

@@ -186,7 +186,7 @@ replicas on the filesystem backend: each would keep its own cache and short-name
 {{- fail (printf "replicaCount %d needs config.redis.url: the replicas share tags, pins, cache accounting and fills through Redis" (int $values.replicaCount)) }}
 {{- end }}
 {{- if not $values.uploadSecret.existingSecret }}
-{{- fail (printf "replicaCount %d needs uploadSecret.existingSecret: an upload session started on one replica continues on another" (int $values.replicaCount)) }}
+{{- fail (printf "replicaCount %d needs uploadSecret.existingSecret: a push's requests may reach any replica" (int $values.replicaCount)) }}
 {{- end }}
 {{- end }}
 {{- if $shared }}
