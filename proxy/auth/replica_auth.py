@@ -1,6 +1,7 @@
-"""Authentication of requests one replica sends another (the fill streams between them).
+"""Authentication of requests one replica sends another (fill streams, upload hops).
 
-Owns signing and checking them. The key is derived from the shared `upload_secret`
+Owns signing and checking them, and the client session a replica sends them with. The
+key is derived from the shared `upload_secret`
 (HMAC-SHA256 of a fixed label), so the secret itself never signs anything but upload
 session ids, and a signature for one purpose is no good for the other. A request carries
 `X-Gate-Replica-Auth: v1 <unix time> <hex HMAC of "time\\nMETHOD\\npath">`: it names
@@ -15,9 +16,24 @@ import hashlib
 import hmac
 import time
 
+import aiohttp
+
 HEADER = "X-Gate-Replica-Auth"
 MAX_SKEW = 300
 _LABEL = b"registry-gate replica requests v1"
+
+
+def peer_session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """The HTTP client for requests to other replicas (fill streams, upload hops)."""
+    return aiohttp.ClientSession(
+        # A connection per request in flight: no pool wait (which no timeout would bound).
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=timeout,
+        # Never a proxy from the environment, never decompressed: bytes as they are (a
+        # fill stream is hashed, an upload body is relayed).
+        trust_env=False,
+        auto_decompress=False,
+    )
 
 
 class ReplicaSigner:

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from proxy.auth.replica_auth import ReplicaSigner
+from proxy.auth.replica_auth import ReplicaSigner, peer_session
 from proxy.content.fill_leases import FillLeases, LeaseOwner, LeasesUnavailable
 from proxy.content.singleflight import OpenUpstream, UpstreamBlob
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
@@ -96,15 +96,7 @@ class ReplicaFills:
         return cls(leases, signer, metrics, peer_read_timeout=read)
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            # One connection per digest streamed at once: as many as fills run, no pool
-            # wait (which no timeout would bound).
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=self._timeout,
-            # Never a proxy from the environment, never decompressed: the bytes are hashed.
-            trust_env=False,
-            auto_decompress=False,
-        )
+        self._session = peer_session(self._timeout)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -64,7 +64,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.auth.replica_auth import ReplicaSigner
+from proxy.auth.replica_auth import ReplicaSigner, peer_session
 from proxy.auth.upload_tokens import UploadOwner
 from proxy.content.upload_body import ClientBody, ClientFailure
 from proxy.errors import BlobUploadUnknown, RegistryError
@@ -229,14 +229,7 @@ class UploadHandoff:
         return cls(signer, metrics, settings.uploads, read_timeout=3 * exchange)
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            # A connection per hop in flight: no pool wait (which no timeout would bound).
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=self._timeout,
-            # Never a proxy from the environment; bytes as they are.
-            trust_env=False,
-            auto_decompress=False,
-        )
+        self._session = peer_session(self._timeout)
 
     async def close(self) -> None:
         if self._session is not None:
