@@ -44,7 +44,7 @@ from tests.integration.test_cache import (
 )
 from tests.support.cli import run_cli
 from tests.support.engines import RedisServer, SeaweedS3
-from tests.support.fault_proxy import FaultProxy, LoopThread
+from tests.support.fault_proxy import FaultProxy
 from tests.support.metrics import scrape, wait_for_value
 from tests.support.registries import DistributionRegistry
 from tests.support.registry_client import RegistryClient
@@ -55,20 +55,6 @@ pytestmark = pytest.mark.slow
 WORKERS = 2
 REQUESTS = "registry_gate_requests_total"
 RELOADS = "registry_gate_policy_reloads_total"
-
-
-@pytest.fixture(scope="module")
-def proxy_module(origin: DistributionRegistry, loops: LoopThread) -> Iterator[FaultProxy]:
-    with FaultProxy(lambda: origin.url, name="workers-proxy", loop=loops) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def proxy(proxy_module: FaultProxy) -> Iterator[FaultProxy]:
-    proxy_module.clear_fault()
-    proxy_module.reset()
-    yield proxy_module
-    proxy_module.clear_fault()
 
 
 def policy(default: str) -> dict[str, Any]:
