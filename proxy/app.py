@@ -40,6 +40,7 @@ from proxy.settings import Settings
 from proxy.storage.cache import Cache, close_pin_store, pin_store
 from proxy.storage.pins import PinCreators
 from proxy.storage.redis_client import RedisState
+from proxy.storage.redis_mutex import RedisMutexes
 from proxy.storage.redis_ratelimits import SharedRateLimits
 from proxy.upstream.api import Registry
 from proxy.upstream.circuit import CircuitBreaker
@@ -93,7 +94,14 @@ def build_services(settings: Settings, upstreams: Mapping[str, Registry] | None 
         settings=settings,
         clients=clients,
         pull=pull,
-        pusher=Pusher(clients, UploadSealer(secret, owner), metrics, settings.uploads, handoff),
+        pusher=Pusher(
+            clients,
+            UploadSealer(secret, owner),
+            metrics,
+            settings.uploads,
+            handoff,
+            mutexes=None if shared is None else RedisMutexes(shared),
+        ),
         metrics=metrics,
         audit=audit,
         holder=holder,

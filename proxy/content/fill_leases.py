@@ -28,7 +28,9 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import RedisError
+
+from proxy.storage.redis_mutex import renewed
 
 log = logging.getLogger(__name__)
 
@@ -121,34 +123,10 @@ class FillLeases:
             else:
                 yield Claim(held=False, owner=LeaseOwner.parse(holder), token=holder)
             return
-        renewal = asyncio.create_task(self._renew(lock, digest), name=f"fill lease {digest}")
-        try:
+        # A lost lease is logged and the fill goes on: the content is verified either
+        # way, at worst another replica fetches the blob too.
+        async with renewed(lock, self.duration, f"the fill lease of {digest}"):
             yield Claim(held=True, owner=self.me)
-        finally:
-            renewal.cancel()
-            # Not `await renewal`: its CancelledError must not pass for this task's own.
-            await asyncio.wait([renewal])
-            try:
-                await lock.release()
-            except (LockError, RedisError, OSError) as exc:
-                log.warning("could not release the fill lease of %s: %s", digest, exc)
-
-    async def _renew(self, lock: Lock, digest: str) -> None:
-        while True:
-            await asyncio.sleep(self.duration / 3)
-            try:
-                await lock.reacquire()
-            except LockError:
-                log.warning(
-                    "the fill lease of %s was lost (Redis restarted, or a pause past %.1f s);"
-                    " the fill goes on, another replica may fetch the blob too",
-                    digest,
-                    self.duration,
-                )
-                return
-            except (RedisError, OSError) as exc:
-                # Tried again next period; the lease may expire meanwhile.
-                log.warning("could not renew the fill lease of %s: %s", digest, exc)
 
     async def holder(self, digest: str) -> bytes | None:
         """The raw token holding `digest`'s lease now (None: free). LeasesUnavailable."""

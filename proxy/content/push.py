@@ -56,6 +56,7 @@ from proxy.http.ranges import parse_chunk_range
 from proxy.names.references import Repository, is_digest, validate_digest
 from proxy.observability.metrics import Metrics
 from proxy.settings import UploadSettings
+from proxy.storage.redis_mutex import RedisMutexes
 from proxy.upstream.api import Kind, Registry, Written
 from proxy.upstream.client import PassThroughError
 
@@ -177,6 +178,7 @@ class Pusher:
         metrics: Metrics,
         uploads: UploadSettings | None = None,
         handoff: UploadHandoff | None = None,
+        mutexes: RedisMutexes | None = None,
     ) -> None:
         self.clients = clients
         # With several replicas: where requests for another replica's sessions go.
@@ -187,7 +189,8 @@ class Pusher:
         self.ledger = UploadLedger()
         # Cancels started for requests that were themselves cancelled; awaited at shutdown.
         self._cleanups: set[asyncio.Task[None]] = set()
-        self.referrers_fallback = referrers.ReferrersFallback(clients)
+        # With replicas (`mutexes`), one referrers tag update per subject gate-wide.
+        self.referrers_fallback = referrers.ReferrersFallback(clients, mutexes)
 
     def _rewrite_upload_location(
         self, repository: Repository, address: ClientAddress, location: str, offset: int

@@ -5,8 +5,8 @@ Owns the index documents (building the answer from a fallback index, `artifactTy
 filtering, adding a referrer's descriptor) and the upstream side of the fallback: reading
 the fallback tag and, after a manifest with a `subject` was pushed to an upstream without
 the API, writing the descriptor into it. Concurrent pushes of referrers to one subject
-through one gate are serialised per subject, so none is lost; across replicas the last
-writer wins (the upstream offers no conditional PUT; see the README's limitations).
+are serialised per subject, so none is lost: inside a process by a lock, across the
+replicas of a gate (`redis:`) by a lock in Redis (the upstream offers no conditional PUT).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from weakref import WeakValueDictionary
 from proxy.content.manifest_checks import MAX_MANIFEST_SIZE
 from proxy.errors import ManifestUnknown, RegistryError, UpstreamUnavailable
 from proxy.names.references import Repository, validate_digest
+from proxy.storage.redis_mutex import RedisMutexes
 from proxy.upstream.api import Registry
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -103,11 +104,16 @@ def with_descriptor(document: dict[str, Any], descriptor: Mapping[str, Any]) -> 
 class ReferrersFallback:
     """Reads and maintains the referrers tag schema on upstreams without the API."""
 
-    def __init__(self, clients: Mapping[str, Registry]) -> None:
+    def __init__(
+        self, clients: Mapping[str, Registry], mutexes: RedisMutexes | None = None
+    ) -> None:
         self.clients = clients
         # One lock per (registry, repository, subject): the read-modify-write of a
-        # fallback index must not interleave, or one referrer is lost.
+        # fallback index must not interleave, or one referrer is lost. `mutexes`: the
+        # same across the replicas sharing Redis (taken inside the local lock, so a
+        # process queues for Redis once per subject at a time).
         self._locks: WeakValueDictionary[tuple[str, str, str], asyncio.Lock] = WeakValueDictionary()
+        self._mutexes = mutexes
 
     async def read(self, repository: Repository, subject: str) -> dict[str, Any] | None:
         """The fallback index of `subject`, or None when the tag does not exist."""
@@ -134,15 +140,26 @@ class ReferrersFallback:
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
         async with lock:
-            current = await self.read(repository, subject) or empty_index()
-            updated = encode(with_descriptor(current, descriptor))
-            client = self.clients[repository.registry]
-            await client.forward(
-                "PUT",
-                repository,
-                f"manifests/{fallback_tag(subject)}",
-                kind="manifest",
-                actions=("pull", "push"),
-                headers={"Content-Type": INDEX_TYPE},
-                body=updated,
-            )
+            if self._mutexes is None:
+                await self._update(repository, subject, descriptor)
+                return
+            # SharedStateUnavailable (Redis down, or the lock held too long) is a
+            # RegistryError: the caller leaves the tag to the client.
+            async with self._mutexes.hold(f"referrers:{'/'.join(key)}"):
+                await self._update(repository, subject, descriptor)
+
+    async def _update(
+        self, repository: Repository, subject: str, descriptor: Mapping[str, Any]
+    ) -> None:
+        current = await self.read(repository, subject) or empty_index()
+        updated = encode(with_descriptor(current, descriptor))
+        client = self.clients[repository.registry]
+        await client.forward(
+            "PUT",
+            repository,
+            f"manifests/{fallback_tag(subject)}",
+            kind="manifest",
+            actions=("pull", "push"),
+            headers={"Content-Type": INDEX_TYPE},
+            body=updated,
+        )
