@@ -8,12 +8,16 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 from multidict import CIMultiDict
 
 from proxy.observability.logging_setup import (
+    ACCESS_LOGGER,
+    FLUSH_DELAY,
     REDACTED,
+    AccessLog,
     configure_logging,
     current_request_id,
     redact_headers,
@@ -171,3 +175,95 @@ def test_auto_format_is_text_on_a_terminal_and_json_elsewhere(
     configure_logging("info", "auto", pipe)
     logging.getLogger("registry_gate.test").info("to a collector")
     assert json.loads(pipe.getvalue().splitlines()[-1])["message"] == "to a collector"
+
+
+# -- the access log and when lines reach the stream -----------------------------------------
+
+
+ACCESS_FIELDS = {
+    "client": "127.0.0.1",
+    "route": "manifest",
+    "status": 200,
+    "duration_ms": 0.25,
+    "client_request_id": None,
+}
+
+
+def buffered() -> tuple[io.BytesIO, io.TextIOWrapper]:
+    """A stream that holds what it is given until flushed (as stderr, unbuffered by
+    configure_logging), and the bytes that reached the file below it."""
+    raw = io.BytesIO()
+    return raw, io.TextIOWrapper(raw, encoding="utf-8", line_buffering=True)
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_an_access_line_is_the_line_logging_would_write(
+    capture: tuple[io.StringIO, logging.Logger], log_format: Literal["json", "text"]
+) -> None:
+    stream, _ = capture
+    configure_logging("info", log_format, stream)
+    AccessLog().write("GET", "/v2/x/manifests/1", 200, "r" * 32, dict(ACCESS_FIELDS))
+    # The same record through logging's own path: another handler on the logger makes
+    # AccessLog fall back to logging.
+    extra = logging.getLogger(ACCESS_LOGGER)
+    other = logging.StreamHandler(io.StringIO())
+    extra.addHandler(other)
+    try:
+        AccessLog().write("GET", "/v2/x/manifests/1", 200, "r" * 32, dict(ACCESS_FIELDS))
+    finally:
+        extra.removeHandler(other)
+    direct, through_logging = stream.getvalue().splitlines()
+    assert other.stream.getvalue() == "GET /v2/x/manifests/1 200\n"
+    if log_format == "json":
+        one, two = json.loads(direct), json.loads(through_logging)
+        assert list(one) == list(two)  # the same keys in the same order
+        assert one.pop("time") and two.pop("time")
+        assert one == two
+        assert one["message"] == "GET /v2/x/manifests/1 200" and one["request_id"] == "r" * 32
+    else:
+        # Everything after the timestamp is the same.
+        assert direct.split(" ", 1)[1] == through_logging.split(" ", 1)[1]
+        assert f"INFO {ACCESS_LOGGER} [{'r' * 32}] GET /v2/x/manifests/1 200" in direct
+
+
+def test_access_lines_below_the_level_are_not_written(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    stream, _ = capture
+    configure_logging("warning", "json", stream)
+    AccessLog().write("GET", "/v2/", 200, "r" * 32, dict(ACCESS_FIELDS))
+    assert stream.getvalue() == ""
+
+
+async def test_request_lines_on_a_loop_are_written_together_warnings_at_once(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    _, log = capture
+    raw, stream = buffered()
+    configure_logging("info", "json", stream)
+    assert not stream.line_buffering
+    AccessLog().write("GET", "/v2/", 200, "a" * 32, dict(ACCESS_FIELDS))
+    log.info("an info line on the loop")
+    assert raw.getvalue() == b""  # held, not yet written
+    await asyncio.sleep(FLUSH_DELAY * 5)
+    written = raw.getvalue().decode().splitlines()
+    assert [json.loads(line)["message"] for line in written] == [
+        "GET /v2/ 200",
+        "an info line on the loop",
+    ]
+    AccessLog().write("GET", "/v2/", 200, "b" * 32, dict(ACCESS_FIELDS))
+    log.warning("a warning")
+    # The warning is written at once, with the line held before it, in order.
+    written = raw.getvalue().decode().splitlines()[2:]
+    assert [json.loads(line)["message"] for line in written] == ["GET /v2/ 200", "a warning"]
+
+
+def test_lines_without_a_running_loop_are_written_at_once(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    _, log = capture
+    raw, stream = buffered()
+    configure_logging("info", "json", stream)
+    log.info("from a thread without a loop")
+    AccessLog().write("GET", "/v2/", 200, "c" * 32, dict(ACCESS_FIELDS))
+    assert len(raw.getvalue().decode().splitlines()) == 2

@@ -19,14 +19,14 @@ from aiohttp import web
 from proxy.auth.authenticator import METHOD_ACTIONS
 from proxy.errors import RegistryError
 from proxy.names.addressing import V2Route, parse_v2_path
-from proxy.observability.logging_setup import request_id_bound
+from proxy.observability.logging_setup import AccessLog, request_id_bound
 from proxy.policy.gatekeeper import AuditTrail, RequestContext
 from proxy.policy.principal import ANONYMOUS
 from proxy.services import SERVICES
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 log = logging.getLogger("registry_gate.http")
-access_log = logging.getLogger("registry_gate.access")
+ACCESS_LOG = AccessLog()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _HTTP_CODES = {
@@ -134,13 +134,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     metrics.observe_request(route, request.method, response.status, seconds)
     # The access log: one structured line per request (the path never carries a secret;
     # query strings and headers, which may, are left out).
-    access_log.info(
-        "%s %s %d",
+    ACCESS_LOG.write(
         request.method,
         request.path,
         response.status,
-        extra={
-            "request_id": request["request_id"],
+        request["request_id"],
+        {
             "client": request.remote,
             "route": route,
             "status": response.status,
