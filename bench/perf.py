@@ -208,7 +208,8 @@ def cold(plain: Subject, gate: Subject, digest: str, size: int) -> None:
     (CPU and peak RSS summed over its processes)."""
     speed, got, status = curl_mb_s(plain.url(COLD_REPO, "blobs", digest))
     upstream = speed if (status, got) == (200, size) else math.nan
-    plain.figures.update(cold_mb_s=upstream)
+    # plain's column keeps the pull paired with the gate's (the first), as gate/plain does.
+    plain.figures.setdefault("cold_mb_s", upstream)
     pids = gate.processes()
     cpu_before = tree_cpu(pids)
     started = time.monotonic()
