@@ -1,36 +1,49 @@
-"""Benchmark: the gate against plain Distribution and Distribution's pull-through cache.
+"""Benchmark: the gate against plain Distribution and Distribution's pull-through cache,
+and the gate with one worker against N workers, in one run.
 
 Run from the repository root: `python3 bench/perf.py [--quick] [--seconds 5]
-[--cold-mib 1024] [--big-mib 100] [--only manifest,blob,cold] [--gate-config JSON]`.
-Needs `docker-registry` (Debian's Distribution 2.8), `skopeo` and `curl`; uses `wrk`
-when installed (else an aiohttp client, much slower: then compare nothing but ratios) and
-ApacheBench `ab` for HEAD (wrk cannot send HEAD; without ab that row stays empty).
-Prints a table and asserts nothing (issue 13).
+[--cold-mib 1024] [--big-mib 100] [--only manifest,blob,cold] [--gate-config JSON]
+[--workers N] [--no-workers] [--no-uvloop]`. Needs `docker-registry` (Debian's
+Distribution 2.8), `skopeo` and `curl`; uses `wrk` when installed (else an aiohttp
+client, much slower: then compare nothing but ratios) and ApacheBench `ab` for HEAD (wrk
+cannot send HEAD; without ab that row stays empty); the workers subjects need
+`redis-server` and `weed` (SeaweedFS) and are skipped, with the reason on stderr, without
+them. Prints a table and asserts nothing (issue 13).
 
 In one invocation, over the same content:
 
 - **plain**: one real Distribution registry serving from its own disk. It is also the
-  upstream of the two others, seeded with `library/busybox:1.36` (a manifest and a
+  upstream of all the others, seeded with `library/busybox:1.36` (a manifest and a
   331 B-class config blob) and `bench/big:1` (one `--big-mib` MiB layer); a
   `--cold-mib` MiB blob is written into its storage (`bench/cold`) for the cold pull.
 - **cache**: Distribution in proxy mode (`proxy.remoteurl`) in front of plain.
 - **gate**: registry-gate, one process, in front of plain (`upstream.bench`), its
-  default settings (audit on, metrics on) plus `--gate-config`;
-- **gate-uvloop**: the same on `event_loop: uvloop`, its own cache (`--no-uvloop` skips it).
+  default settings (filesystem cache, no Redis, audit on, metrics on) plus `--gate-config`;
+- **gate-uvloop**: the same on `event_loop: uvloop`, its own cache (`--no-uvloop` skips it);
+- **gate-w1** and **gate-wN**: `serve --workers 1` and `serve --workers N` (N: `--workers`,
+  by default the cores this process may use, at least 2) on the settings several workers
+  need, redis-server and SeaweedFS (S3) started for the run, each gate with its own Redis
+  database and bucket prefix (bench/shared_gate.py), so that the two differ in nothing
+  but the number of processes; measured once every worker listens (`--no-workers` skips
+  both).
 
 Figures, per subject (warm ones after one warm-up run that fills the caches): manifest by
 tag GET and HEAD at 16 connections (req/s), the config blob GET at 16 connections (req/s),
-the big blob GET at 2 connections (MB/s), the server's own CPU per request (manifest
-GETs; user+system from /proc, so the cache's upstream work is not charged to it) and its
-RSS after the run and at its peak. Then the cold pull: `curl` fetches the cold blob
-straight from plain (which warms plain's page cache, so both reads come from memory),
-then through the gate, whose cache has never seen it (MB/s each). Ratios printed:
-gate/cache, gate/plain and, for the cold pull, gate/upstream.
+the big blob GET at 2 connections (MB/s); under the manifest GET load, the server's own
+CPU per request (user+system from /proc, summed over a supervisor and its workers; the
+cache's upstream work is not charged to it), redis-server's CPU per request (workers
+subjects), the cores the server's processes used and the idle cores left on the whole
+machine (bench/processes.py); its RSS after the run and at its peak (summed over its
+processes). Then the cold pull: `curl` fetches the cold blob straight from plain (which
+warms plain's page cache, so both reads come from memory), then through the gate, whose
+cache has never seen it (MB/s each); the same for gate-uvloop and gate-wN (into S3).
+Ratios printed: gate/cache, gate/plain, gate-wN/cache and gate-wN/gate-w1 (for the cold
+pull, against plain: the upstream).
 
 Ceilings measured in the same run: sha256 on one core, and buffered writes into the gate's
 storage file system (a cold fill hashes and writes every byte).
 
-`--quick` (about a minute): 2 s load runs, a 16 MiB big blob, a 256 MiB cold blob.
+`--quick` (about two minutes): 2 s load runs, a 16 MiB big blob, a 256 MiB cold blob.
 """
 
 from __future__ import annotations
@@ -55,8 +68,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.cache_vs_distribution import PullThroughCache, load, peak_rss_mib  # noqa: E402
-from bench.load import resources  # noqa: E402
+from bench.cache_vs_distribution import PullThroughCache, load  # noqa: E402
+from bench.processes import (  # noqa: E402
+    CpuMeter,
+    process_tree,
+    tree_cpu,
+    tree_peak_rss_mib,
+    tree_rss_mib,
+)
+from bench.shared_gate import GATE_REGISTRY, SharedEngines, missing_engines, upstreams  # noqa: E402
+from proxy.cli.workers import usable_cores  # noqa: E402
 from tests.support.gate import GateProcess  # noqa: E402
 from tests.support.images import (  # noqa: E402
     MT_OCI_MANIFEST,
@@ -70,41 +91,28 @@ from tests.support.images import (  # noqa: E402
 from tests.support.registries import DistributionRegistry  # noqa: E402
 
 MIB = 1024 * 1024
-GATE_REGISTRY = "upstream.bench"
 COLD_REPO = "bench/cold"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SECTIONS = ("manifest", "blob", "cold")
 MANIFEST_ACCEPT = MT_OCI_MANIFEST
 
 
 @dataclass
 class Subject:
-    """One server under test: where clients reach it and its repository prefix."""
+    """One server under test: where clients reach it, its repository prefix, its process
+    (a supervisor's workers are its children) and the engines it uses (redis-server)."""
 
     label: str
     base: str
     prefix: str
     pid: Callable[[], int | None]
+    engines: list[int] = field(default_factory=list)
     figures: dict[str, float] = field(default_factory=dict)
+
+    def processes(self) -> list[int]:
+        return process_tree(self.pid())
 
     def url(self, repo: str, kind: str, ref: str) -> str:
         return f"{self.base}/v2/{self.prefix}{repo}/{kind}/{ref}"
-
-
-# -- the server's own resources ---------------------------------------------------------------
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds the process has used (threads included)."""
-    if pid is None:
-        return float("nan")
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    # Fields 14 and 15 of proc_pid_stat(5) (utime, stime); the text after the command
-    # name's closing parenthesis starts at field 3.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 # -- load -------------------------------------------------------------------------------------
@@ -132,19 +140,26 @@ def warm(subject: Subject, small: PushedRef, big: PushedRef, seconds: float) -> 
     # Warm-up: each URL once through the load tool (fills the caches, opens connections).
     for url, conns in ((manifest, 16), (config, 16), (layer, 2)):
         load(url, conns, min(1.0, seconds), headers if url == manifest else {})
-    pid = subject.pid()
-    cpu_before = cpu_seconds(pid)
+    pids = subject.processes()
+    meter = CpuMeter(pids, subject.engines)
     got = load(manifest, 16, seconds, headers)
-    cpu = cpu_seconds(pid) - cpu_before
+    span = meter.stop()
+    requests = got["rps"] * seconds
     subject.figures.update(
         manifest_rps=got["rps"],
         manifest_errors=got["errors"],
-        cpu_us_per_request=cpu / (got["rps"] * seconds) * 1e6 if got["rps"] else math.nan,
+        cpu_us_per_request=span.server / requests * 1e6 if requests else math.nan,
+        engines_us_per_request=(
+            span.engines / requests * 1e6 if requests and subject.engines else math.nan
+        ),
+        cores=span.server_cores,
+        idle_cores=span.idle_cores,
+        processes=len(pids),
         head_rps=head_load(manifest, 16, seconds, headers),
         config_rps=load(config, 16, seconds, {})["rps"],
         blob_mb_s=load(layer, 2, seconds, {})["bytes_per_s"] / 1e6,
-        rss_mib=resources(pid).rss_mib,
-        peak_rss_mib=peak_rss_mib(pid),
+        rss_mib=tree_rss_mib(pids),
+        peak_rss_mib=tree_peak_rss_mib(pids),
     )
 
 
@@ -189,38 +204,52 @@ def curl_mb_s(url: str) -> tuple[float, int, int]:
 
 
 def cold(plain: Subject, gate: Subject, digest: str, size: int) -> None:
-    """The cold pull: straight from plain (warming its page cache), then through the gate."""
+    """The cold pull: straight from plain (warming its page cache), then through `gate`
+    (CPU and peak RSS summed over its processes)."""
     speed, got, status = curl_mb_s(plain.url(COLD_REPO, "blobs", digest))
-    plain.figures.update(cold_mb_s=speed if (status, got) == (200, size) else math.nan)
-    cpu_before = cpu_seconds(gate.pid())
+    upstream = speed if (status, got) == (200, size) else math.nan
+    # plain's column keeps the pull paired with the gate's (the first), as gate/plain does.
+    plain.figures.setdefault("cold_mb_s", upstream)
+    pids = gate.processes()
+    cpu_before = tree_cpu(pids)
     started = time.monotonic()
     speed, got, status = curl_mb_s(gate.url(COLD_REPO, "blobs", digest))
+    speed = speed if (status, got) == (200, size) else math.nan
     gate.figures.update(
-        cold_mb_s=speed if (status, got) == (200, size) else math.nan,
-        cold_cpu_s_per_gib=(cpu_seconds(gate.pid()) - cpu_before) / (size / 1024**3),
+        cold_mb_s=speed,
+        cold_x_upstream=speed / upstream if upstream else math.nan,
+        cold_cpu_s_per_gib=(tree_cpu(pids) - cpu_before) / (size / 1024**3),
         cold_wall_s=time.monotonic() - started,
-        cold_peak_rss_mib=peak_rss_mib(gate.pid()),
+        cold_peak_rss_mib=tree_peak_rss_mib(pids),
     )
     if (status, got) != (200, size):
         print(
-            f"cold pull through the gate: status {status}, {got} of {size} bytes", file=sys.stderr
+            f"cold pull through {gate.label}: status {status}, {got} of {size} bytes",
+            file=sys.stderr,
         )
 
 
 # -- output -----------------------------------------------------------------------------------
 
-ROWS = [
+ROWS: list[tuple[str, str | tuple[str, ...], str]] = [
     ("warm manifest by tag GET, req/s (16 conns)", "manifest_rps", "{:.0f}"),
     ("  ... non-2xx responses", "manifest_errors", "{:.0f}"),
     ("warm manifest by tag HEAD, req/s (16 conns)", "head_rps", "{:.0f}"),
     ("warm config blob GET, req/s (16 conns)", "config_rps", "{:.0f}"),
     ("warm big blob GET, MB/s (2 conns)", "blob_mb_s", "{:.0f}"),
-    ("CPU per manifest GET, us", "cpu_us_per_request", "{:.0f}"),
-    ("RSS after the warm runs / peak, MiB", ("rss_mib", "peak_rss_mib"), "{:.0f}"),
-    ("cold blob pull, MB/s (gate: cold cache; plain: upstream)", "cold_mb_s", "{:.0f}"),
+    ("CPU per manifest GET (all its processes), us", "cpu_us_per_request", "{:.0f}"),
+    ("  ... redis-server's CPU per manifest GET, us", "engines_us_per_request", "{:.0f}"),
+    ("  ... cores its processes used under that load", "cores", "{:.2f}"),
+    ("  ... idle cores left on the machine", "idle_cores", "{:.2f}"),
+    ("  ... processes (a supervisor and its workers)", "processes", "{:.0f}"),
+    ("RSS after the warm runs / peak (all processes), MiB", ("rss_mib", "peak_rss_mib"), "{:.0f}"),
+    ("cold blob pull, MB/s (gates: cold cache; plain: upstream)", "cold_mb_s", "{:.0f}"),
+    ("  ... x the same pull straight from plain, just before", "cold_x_upstream", "{:.2f}"),
     ("  ... gate CPU seconds per GiB", "cold_cpu_s_per_gib", "{:.2f}"),
     ("  ... gate peak RSS, MiB", "cold_peak_rss_mib", "{:.0f}"),
 ]
+# Rows whose ratio says nothing (counts, what is left over).
+NO_RATIO = {"manifest_errors", "idle_cores", "processes", "cold_x_upstream"}
 
 
 def _cell(subject: Subject, key: str | tuple[str, ...], fmt: str) -> str:
@@ -232,24 +261,25 @@ def _cell(subject: Subject, key: str | tuple[str, ...], fmt: str) -> str:
 
 
 def _ratio(a: Subject, b: Subject, key: str | tuple[str, ...]) -> str:
-    if isinstance(key, tuple):
+    if isinstance(key, tuple) or key in NO_RATIO:
         return "-"
     x, y = a.figures.get(key, math.nan), b.figures.get(key, math.nan)
     return "-" if math.isnan(x) or math.isnan(y) or not y else f"{x / y:.2f}x"
 
 
 def table(
-    plain: Subject, cache: Subject, gate: Subject, extra: list[Subject], args: argparse.Namespace
+    subjects: list[Subject], ratios: list[tuple[Subject, Subject]], args: argparse.Namespace
 ) -> str:
+    """The figures of `subjects`, then one column per (a, b) of `ratios`: a/b."""
     width = 58
-    columns = [plain, cache, gate, *extra]
-    head = f"{'':{width}}" + "".join(f" {s.label:>12}" for s in columns)
-    head += f" {'gate/cache':>11} {'gate/plain':>11}"
+    head = f"{'':{width}}" + "".join(f" {s.label:>12}" for s in subjects)
+    head += "".join(f" {a.label + '/' + b.label:>15}" for a, b in ratios)
     lines = [head, "-" * len(head)]
     for label, key, fmt in ROWS:
-        cells = "".join(f" {_cell(s, key, fmt):>12}" for s in columns)
-        ratios = f" {_ratio(gate, cache, key):>11} {_ratio(gate, plain, key):>11}"
-        lines.append(f"{label:{width}}{cells}{ratios}")
+        cells = "".join(f" {_cell(s, key, fmt):>12}" for s in subjects)
+        cells += "".join(f" {_ratio(a, b, key):>15}" for a, b in ratios)
+        lines.append(f"{label:{width}}{cells}")
+    gate = next(s for s in subjects if s.label == "gate")
     lines.append("")
     lines.append(
         "ceilings, same run: sha256 on one core "
@@ -258,9 +288,15 @@ def table(
         f"{gate.figures.get('disk_write_mb_s', math.nan):.0f} MB/s"
     )
     lines.append(
+        "targets (issue 13): warm manifest GET gate/cache >= 20x and gate/plain >= 3x; "
+        "2 workers on 2 cores >= 1.7x one worker on warm manifests; warm big blob >= 1.0x "
+        "the cache; cold pull >= 0.7x the upstream"
+    )
+    lines.append(
         f"single run, {time.strftime('%Y-%m-%d %H:%M %Z')}: compare ratios, not figures across "
         f"days; {args.seconds:g} s per load run; big blob {args.big_mib} MiB; cold blob "
-        f"{args.cold_mib} MiB; loopback; {os.cpu_count()} CPUs; load tool: "
+        f"{args.cold_mib} MiB; loopback; {len(os.sched_getaffinity(0))} CPUs shared by every "
+        f"server, redis-server, SeaweedFS and the load tool: "
         f"{'wrk' if shutil.which('wrk') else 'aiohttp'} (HEAD: ab); gate config extra: "
         f"{args.gate_config or '{}'}"
     )
@@ -286,6 +322,20 @@ def ceilings(gate: Subject, storage: Path, mib: int) -> None:
     probe.unlink()
 
 
+def default_workers() -> int:
+    """N of gate-wN: the cores this process may use, at least 2 (a comparison)."""
+    return max(2, usable_cores())
+
+
+def workers_skipped(args: argparse.Namespace) -> str | None:
+    """Why gate-w1 and gate-wN are not run, or None when they are."""
+    if not args.workers_on:
+        return "--no-workers"
+    if missing := missing_engines():
+        return f"not installed: {', '.join(missing)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, small blobs")
@@ -296,18 +346,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-uvloop", dest="uvloop", action="store_false", help="skip the gate on uvloop"
     )
-    parser.add_argument("--gate-config", default="", help="JSON laid over the gate's config")
+    parser.add_argument("--workers", type=int, help="N of gate-wN (the usable cores, at least 2)")
+    parser.add_argument(
+        "--no-workers", dest="workers_on", action="store_false", help="skip gate-w1 and gate-wN"
+    )
+    parser.add_argument("--gate-config", default="", help="JSON laid over every gate's config")
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: tmp)")
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (2.0 if args.quick else 5.0)
     args.big_mib = args.big_mib or (16 if args.quick else 100)
     args.cold_mib = args.cold_mib or (256 if args.quick else 1024)
+    args.workers = args.workers or default_workers()
+    if args.workers < 2:
+        parser.error("--workers: at least 2 (gate-w1 is the one-worker side)")
     only = set(args.only.split(","))
     binary = os.environ.get("GATE_TEST_REGISTRY_BINARY", "docker-registry")
     for tool in ("skopeo", "curl", binary):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed", file=sys.stderr)
             return 2
+    skipped = workers_skipped(args)
+    if skipped is not None:
+        print(f"bench: skipping gate-w1 and gate-w{args.workers}: {skipped}", file=sys.stderr)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="perf-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = json.loads(args.gate_config) if args.gate_config else {}
@@ -328,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_server = PullThroughCache(workdir / "cache", upstream.url)
         stack.callback(cache_server.stop)
         cache_server.start()
-        config = {"upstreams": [{"registry": GATE_REGISTRY, "url": upstream.url}], **extra}
+        config = {"upstreams": upstreams(upstream.url), **extra}
         gate_server = GateProcess(workdir / "gate", config, name="bench-gate")
         stack.callback(gate_server.stop)
         gate_server.start()
@@ -336,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         plain = Subject("plain", upstream.url, "", lambda: upstream.pid)
         cache = Subject("cache", cache_server.url, "", lambda: cache_server.pid)
         gate = Subject("gate", gate_server.url, f"{GATE_REGISTRY}/", lambda: gate_server.pid)
-        extra_subjects: list[Subject] = []
+        subjects = [plain, cache, gate]
+        ratios = [(gate, cache), (gate, plain)]
+        # The subjects that also pull the cold blob, each into its own (cold) cache.
+        cold_gates = [gate]
         if args.uvloop:
             uv_server = GateProcess(
                 workdir / "gate-uvloop", {**config, "event_loop": "uvloop"}, name="bench-uv"
@@ -344,20 +407,31 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(uv_server.stop)
             uv_server.start()
             uv = Subject("gate-uvloop", uv_server.url, f"{GATE_REGISTRY}/", lambda: uv_server.pid)
-            extra_subjects.append(uv)
+            subjects.append(uv)
+            cold_gates.append(uv)
+        if skipped is None:
+            print("starting redis-server, SeaweedFS and the workers gates ...", file=sys.stderr)
+            engines = SharedEngines(workdir / "shared", stack)
+            one_server = engines.gate("gate-w1", upstream.url, 1, extra)
+            label = f"gate-w{args.workers}"
+            many_server = engines.gate(label, upstream.url, args.workers, extra)
+            prefix, engine_pids = f"{GATE_REGISTRY}/", engines.pids()
+            one = Subject("gate-w1", one_server.url, prefix, lambda: one_server.pid, engine_pids)
+            many = Subject(label, many_server.url, prefix, lambda: many_server.pid, engine_pids)
+            subjects += [one, many]
+            ratios += [(many, cache), (many, one)]
+            cold_gates.append(many)
         if only & {"manifest", "blob"}:
-            for subject in (plain, cache, gate, *extra_subjects):
+            for subject in subjects:
                 print(f"measuring {subject.label} (warm) ...", file=sys.stderr)
                 warm(subject, small, big, args.seconds)
         if "cold" in only:
-            print("measuring the cold pull ...", file=sys.stderr)
-            cold(plain, gate, cold_digest, args.cold_mib * MIB)
+            for subject in cold_gates:
+                print(f"measuring the cold pull through {subject.label} ...", file=sys.stderr)
+                cold(plain, subject, cold_digest, args.cold_mib * MIB)
             ceilings(gate, gate_server.directory / "storage", args.cold_mib)
-            if extra_subjects:
-                # Its own (cold) cache: the same blob, on the other loop.
-                cold(plain, extra_subjects[0], cold_digest, args.cold_mib * MIB)
-        print(table(plain, cache, gate, extra_subjects, args))
-        figures = {s.label: s.figures for s in (plain, cache, gate, *extra_subjects)}
+        print(table(subjects, ratios, args))
+        figures = {s.label: s.figures for s in subjects}
         print("figures: " + json.dumps(figures, default=str))
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -26,5 +26,6 @@ def test_workers_bench_runs_and_prints_its_table() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gate-w2 / gate-w1: " in result.stdout
     figures = json.loads(result.stdout.split("figures: ", 1)[1])
+    assert figures["gate-w1"]["processes"] == 1
     assert figures["gate-w2"]["processes"] == 3  # the supervisor and its two workers
     assert figures["gate-w1"]["errors"] == figures["gate-w2"]["errors"] == 0
