@@ -17,8 +17,8 @@ raises `SharedStateUnavailable` (an OCI 503 where a request cannot proceed) and 
 (tags and repository holds: ask the upstream) or fails closed (new short-name pins).
 
 A subscription (pub/sub, for invalidation notices) gets a connection of its own, outside
-the pool and without the retry: a retry would reconnect and subscribe again behind the
-subscriber's back, hiding that notices were missed meanwhile; the subscriber must see
+the pool and without the retry: a retried read would reconnect and subscribe again behind
+the subscriber's back, hiding that notices were missed meanwhile; the subscriber must see
 every loss.
 """
 
@@ -145,8 +145,9 @@ class RedisState:
     @contextlib.asynccontextmanager
     async def subscription(self) -> AsyncIterator[PubSub]:
         """A PubSub on a connection of its own (same server, credentials and timeouts as
-        the pool's), closed on exit. Nothing reconnects it: a lost connection raises out
-        of its reads, and the subscriber opens another subscription."""
+        the pool's), closed on exit. Not retried: a lost connection raises out of its
+        reads (redis-py tries one reconnection first, bounded by the connect timeout, and
+        it is closed with the rest), and the subscriber opens another subscription."""
         pool = self.client.connection_pool
         kwargs = {
             **pool.connection_kwargs,
