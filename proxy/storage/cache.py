@@ -126,6 +126,10 @@ class Cache:
 
         protected: set[str] = set()
         resources = contextlib.AsyncExitStack()
+        if isinstance(tags, RedisTagIndex):
+            # Warm tags from this replica's memory while every tag write's notice arrives.
+            tags.start()
+            resources.push_async_callback(tags.close)
         try:
             blobs, manifests = await _content_stores(
                 settings, resources, evicted, lambda: protected, exclusive=exclusive, shared=shared

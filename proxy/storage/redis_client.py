@@ -15,15 +15,22 @@ at once instead of each waiting out a timeout). Every failure, refused call incl
 raises `SharedStateUnavailable` (an OCI 503 where a request cannot proceed) and counts in
 `registry_gate_shared_state_errors_total{store}`; each store decides whether it degrades
 (tags and repository holds: ask the upstream) or fails closed (new short-name pins).
+
+A subscription (pub/sub, for invalidation notices) gets a connection of its own, outside
+the pool and without the retry: a retried read would reconnect and subscribe again behind
+the subscriber's back, hiding that notices were missed meanwhile; the subscriber must see
+every loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -134,6 +141,31 @@ class RedisState:
             self._on_error(store)
         if exc is not None:
             log.warning("redis call for %s failed: %s: %s", store, type(exc).__name__, exc)
+
+    @contextlib.asynccontextmanager
+    async def subscription(self) -> AsyncIterator[PubSub]:
+        """A PubSub on a connection of its own (same server, credentials and timeouts as
+        the pool's), closed on exit. Not retried: a lost connection raises out of its
+        reads (redis-py tries one reconnection first, bounded by the connect timeout, and
+        it is closed with the rest), and the subscriber opens another subscription."""
+        pool = self.client.connection_pool
+        kwargs = {
+            **pool.connection_kwargs,
+            "retry": Retry(NoBackoff(), 0),
+            # The subscriber pings on its own schedule and wants to see every answer.
+            "health_check_interval": 0,
+        }
+        own = redis.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=1, **kwargs
+        )
+        pubsub = PubSub(own)
+        try:
+            yield pubsub
+        finally:
+            try:
+                await pubsub.aclose()
+            finally:
+                await own.disconnect()
 
     async def ping(self) -> bool:
         """Whether Redis answers now (start-up logs a warning, not a failure, if not)."""

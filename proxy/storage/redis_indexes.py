@@ -12,6 +12,10 @@ and a digest one replica confirmed for a repository is held for all. Keys (under
 - `digests:<registry>/<repository>`: set of the digests a repository holds (the reverse
   of `held:`, for protecting a pinned repository's blobs).
 
+A replica answers warm tag lookups from its own memory while it receives the
+invalidation notices every tag write publishes (`proxy.storage.redis_near_cache`: the
+coherence rule and its bound are there); `start` and `close` run that subscription.
+
 `forget(digest)` reads `held:<digest>` and removes the digest from each of those
 repositories' sets in one optimistic transaction (WATCH), so it costs one round trip per
 repository that held it, not a scan.
@@ -30,7 +34,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from cachetools import TTLCache
@@ -39,6 +43,7 @@ from redis.asyncio.client import Pipeline
 from proxy.names.references import Repository, validate_digest
 from proxy.storage.manifest_cache import TagEntry
 from proxy.storage.redis_client import RedisState, SharedStateUnavailable
+from proxy.storage.redis_near_cache import TagNearCache, notice
 
 log = logging.getLogger(__name__)
 
@@ -73,57 +78,98 @@ def _decode_tag(raw: bytes | str | None) -> TagEntry | None:
 
 
 class RedisTagIndex:
-    """`TagIndex` in Redis: one hash per repository."""
+    """`TagIndex` in Redis: one hash per repository, recent entries in this replica's
+    memory while the invalidation subscription is live (`start`)."""
 
     STORE = "tags"
 
-    def __init__(self, state: RedisState, *, expire_after: float | None = None) -> None:
+    def __init__(
+        self,
+        state: RedisState,
+        *,
+        expire_after: float | None = None,
+        near: TagNearCache | None = None,
+    ) -> None:
         self._state = state
         # Entries older than tag_ttl + stale_limit are never served: a repository whose
         # tags nobody asked for that long leaves Redis (every put renews its hash).
         self._expire_after = None if expire_after is None else max(1, math.ceil(expire_after))
+        self.near = near or TagNearCache(state)
+
+    def start(self) -> None:
+        """Subscribe to the invalidations (until then, and without it, every lookup asks
+        Redis)."""
+        self.near.start()
+
+    async def close(self) -> None:
+        """End the subscription (the Redis client is its owner's to close)."""
+        await self.near.close()
 
     def _key(self, repository: Repository) -> str:
         return self._state.key("tags", _repository_key(repository))
 
     async def get(self, repository: Repository, tag: str) -> TagEntry | None:
+        key = self._key(repository)
+        entry = self.near.get(key, tag)
+        if entry is not None:
+            return entry
+        ticket = self.near.ticket()
         client = self._state.client
         try:
-            raw = await self._state.call(
-                self.STORE, lambda: client.hget(self._key(repository), tag)
-            )
+            raw = await self._state.call(self.STORE, lambda: client.hget(key, tag))
         except SharedStateUnavailable:
             return None  # a miss: the upstream is asked
-        return _decode_tag(raw)
+        entry = _decode_tag(raw)
+        if entry is not None:
+            self.near.remember(key, tag, entry, ticket)
+        return entry
 
     async def put(self, repository: Repository, tag: str, entry: TagEntry) -> TagEntry | None:
         validate_digest(entry.digest)
         key = self._key(repository)
 
         async def swap() -> list[Any]:
-            # MULTI/EXEC: the previous entry and the new one, atomically, in one round trip.
+            # MULTI/EXEC: the previous entry, the new one and the notice to every replica,
+            # atomically, in one round trip.
             async with self._state.client.pipeline(transaction=True) as pipe:
                 pipe.hget(key, tag)
                 pipe.hset(key, tag, _encode_tag(entry))
                 if self._expire_after is not None:
                     pipe.expire(key, self._expire_after)
+                pipe.publish(self.near.channel, notice(key, tag))
                 return await pipe.execute()
 
         try:
-            previous = (await self._state.call(self.STORE, swap))[0]
+            previous = (await self._write(key, tag, swap))[0]
         except SharedStateUnavailable:
             return None  # not shared this time: the next request asks the upstream again
         return _decode_tag(previous)
 
     async def delete(self, repository: Repository, tag: str) -> bool:
-        client = self._state.client
+        key = self._key(repository)
+
+        async def remove() -> list[Any]:
+            async with self._state.client.pipeline(transaction=True) as pipe:
+                pipe.hdel(key, tag)
+                pipe.publish(self.near.channel, notice(key, tag))
+                return await pipe.execute()
+
         try:
-            removed = await self._state.call(
-                self.STORE, lambda: client.hdel(self._key(repository), tag)
-            )
+            removed = (await self._write(key, tag, remove))[0]
         except SharedStateUnavailable:
             return False
         return bool(removed)
+
+    async def _write(
+        self, key: str, tag: str, operation: Callable[[], Awaitable[list[Any]]]
+    ) -> list[Any]:
+        # Dropped once the write is done (or failed, perhaps after EXEC), which also bumps
+        # the generation: a lookup that read the old entry meanwhile is not kept, so the
+        # replica reads its own write without waiting for its own notice.
+        try:
+            return await self._state.call(self.STORE, operation)
+        finally:
+            self.near.drop(key, tag)
 
     async def tags(self, repository: Repository) -> list[str]:
         client = self._state.client

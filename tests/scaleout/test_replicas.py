@@ -3,7 +3,9 @@
 Each replica has its own directory (as separate pods would) and reaches the upstreams
 through a counting `FaultProxy` in front of real Distribution registries; what they share
 comes only through the bucket and Redis (tests/support/replicas.py). What is proved
-(issue 12): content and tags filled through one replica are hits on the others; a
+(issue 12): content and tags filled through one replica are hits on the others, and a
+tag moved through one is what the others serve although they answer warm tags from
+memory; a
 multi-layer image pulled with skopeo through A is served by B with no upstream blob GET;
 concurrent cold misses spread over the replicas make one upstream GET; a pin made
 through one replica is what every replica resolves, after restarts too, and racing
@@ -159,6 +161,58 @@ def test_content_and_tags_filled_through_one_replica_are_hits_on_the_others(
     assert upstream.count("GET", "blob") == 0, upstream.summary()
     assert upstream.count("GET", "manifest") == 0, upstream.summary()
     assert upstream.count("HEAD", "manifest") == 0, upstream.summary()
+
+
+def test_a_tag_moved_through_one_replica_is_served_by_another_that_kept_it(
+    make_set: MakeSet, counted: dict[str, FaultProxy], origin: DistributionRegistry
+) -> None:
+    """Warm tags are answered from each replica's memory (no Redis command) while the
+    invalidation notices arrive; a tag A recorded anew is then what B serves, read from
+    Redis after A's notice, with no upstream request from B. (That the notice, not the
+    memory's 10 s age bound, is what made B read it again is proved in
+    tests/contract/test_redis_tag_near_cache.py, where that bound is out of reach.)"""
+    replicas = make_set(count=2, config={"storage": {"tag_ttl": 3600}})
+    a, b = replicas
+    # A asks the upstream on every tag request; for B the tag stays fresh for an hour.
+    a.stop()
+    a.config["storage"]["tag_ttl"] = 0
+    a.start()
+    upstream = counted[ORIGIN]
+    client = RegistryClient(origin.host)
+    repo = unique_repo("near")
+    path = manifest_path(ORIGIN, repo, "v1")
+    first = push_image(client, repo, "v1", [os.urandom(1000)])
+    assert get(a, path).body == first.manifest
+
+    with replicas.redis() as shared:
+        channel = "registry-gate:tag-invalidations"
+        # Subscribed from start-up, one subscriber each (pub/sub ignores the database).
+        wait_for(
+            lambda: shared.pubsub_numsub(channel) == [(channel.encode(), 2)],
+            "both replicas subscribed to the tag invalidations",
+        )
+
+        def hgets() -> int:
+            return int(shared.info("commandstats").get("cmdstat_hget", {}).get("calls", 0))
+
+        def served_from_memory(manifest: bytes) -> bool:
+            before = hgets()
+            reply = get(b, path)
+            assert reply.status == 200 and reply.body == manifest, reply
+            return hgets() == before
+
+        wait_for(lambda: served_from_memory(first.manifest), "B answering the tag from memory")
+        before = hgets()
+        for _ in range(10):
+            assert get(b, path).body == first.manifest
+        assert hgets() == before
+
+        second = push_image(client, repo, "v1", [os.urandom(1000)])  # the tag moves
+        assert get(a, path).body == second.manifest  # A asked upstream and recorded it
+        upstream.reset()
+        wait_for(lambda: get(b, path).body == second.manifest, "B serving the moved tag")
+        assert upstream.summary() == "none", upstream.summary()
+        wait_for(lambda: served_from_memory(second.manifest), "B keeping the moved tag")
 
 
 def test_skopeo_pulls_a_multi_layer_image_through_a_then_b_with_one_upstream_fetch(
