@@ -262,9 +262,16 @@ async def _write(
         assert route.ref is not None
         async with body_deadline(services.settings.request_body_timeout):
             body = await read_manifest_body(request.content.iter_chunked(STREAM_CHUNK))
+        tags = request.query.getall("tag", [])
         forwarded = await services.pusher.put_manifest(
-            repository, address, route.ref, request.headers, body, request.query.getall("tag", [])
+            repository, address, route.ref, request.headers, body, tags
         )
+        if forwarded.status < 300:
+            # The tags it wrote name this manifest now: the next pull must not be served
+            # what they named before from cache (it asks the upstream again).
+            for tag in {route.ref, *tags} - {""}:
+                if not is_digest(tag):
+                    await services.pull.forget(repository, tag)
     elif route.kind in ("manifest", "blob") and method == "DELETE":
         assert route.ref is not None
         forwarded = await services.pusher.delete(repository, address, route.kind, route.ref)

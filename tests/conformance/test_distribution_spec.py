@@ -447,6 +447,32 @@ def test_push_manifest_tags(target: Target) -> None:
     assert got.status == 200 and got.body == raw, got
 
 
+def test_a_tag_pushed_again_names_the_new_manifest_at_once(target: Target) -> None:
+    """Read your writes: a tag pulled (so the gate caches it), pushed again with another
+    manifest, then pulled: the new manifest, not the cached one (whatever `tag_ttl`);
+    the same for a tag written by `?tag=` on a push by digest (OCI 1.1)."""
+    name = target.name("retag")
+    accept = {"Accept": MT_MANIFEST}
+    _, first, _ = target.push_image(name, "moving", seed=90)
+    got = target.req("GET", f"/v2/{name}/manifests/moving", accept)
+    assert got.status == 200 and got.header("Docker-Content-Digest") == first, got
+    raw, second, _ = target.push_image(name, "moving", seed=91)
+    got = target.req("GET", f"/v2/{name}/manifests/moving", accept)
+    assert got.status == 200 and got.header("Docker-Content-Digest") == second, got
+    assert got.body == raw
+    # Pushed by digest with ?tag= naming the tag (a registry that ignores the parameter
+    # keeps the tag where it was: then the tag must still be read back as the upstream
+    # has it, never as a stale cached answer).
+    raw, third, _ = target.push_image(name, None, seed=92)
+    reply = target.req(
+        "PUT", f"/v2/{name}/manifests/{third}?tag=moving", {"Content-Type": MT_MANIFEST}, raw
+    )
+    assert reply.status == 201, reply
+    upstream_has = third if reply.header("OCI-Tag") == "moving" else second
+    got = target.req("GET", f"/v2/{name}/manifests/moving", accept)
+    assert got.status == 200 and got.header("Docker-Content-Digest") == upstream_has, got
+
+
 def test_push_manifest_keeps_the_exact_bytes(target: Target) -> None:
     """Whitespace and key order are the client's: the digest is of what was sent."""
     name = target.name("manifests")
