@@ -10,7 +10,7 @@ of the same state: two handles on one database, or two replicas on one Redis.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -180,3 +180,14 @@ async def s3_backend(
     ) as opened:
         assert isinstance(opened, S3Backend)
         yield opened
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that restart, stop or reconfigure it
+    (the session's ``redis_server`` is shared)."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

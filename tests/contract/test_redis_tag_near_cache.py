@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -55,15 +54,6 @@ async def live(*indexes: RedisTagIndex) -> None:
 async def hget_calls(client: Any) -> int:
     stats = await client.info("commandstats")
     return int(stats.get("cmdstat_hget", {}).get("calls", 0))
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 Replicas = Callable[..., RedisTagIndex]

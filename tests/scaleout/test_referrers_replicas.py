@@ -11,36 +11,22 @@ replicas the lock is in Redis.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from tests.conformance.test_distribution_spec import MT_ARTIFACT, MT_MANIFEST, Target
-from tests.integration.test_cache import ORIGIN, unique_repo, upstream_table, wait_for
-from tests.support.engines import RedisServer, SeaweedS3
+from tests.integration.test_cache import ORIGIN, unique_repo, wait_for
 from tests.support.fault_proxy import FaultProxy
-from tests.support.gate import policy_document
 from tests.support.replicas import ReplicaSet
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def replicas(
-    tmp_path: Path, proxy: FaultProxy, redis_server: RedisServer, seaweed_s3: SeaweedS3
-) -> Iterator[ReplicaSet]:
-    config = {"upstreams": upstream_table({ORIGIN: proxy}, 10.0), "push_registry": ORIGIN}
-    with ReplicaSet(
-        tmp_path / "set",
-        config,
-        redis_server=redis_server,
-        s3=seaweed_s3,
-        count=2,
-        policy=policy_document([ORIGIN]),
-    ) as started:
-        yield started
+def replicas(push_replicas: Callable[[int], ReplicaSet]) -> ReplicaSet:
+    return push_replicas(2)
 
 
 def test_referrers_pushed_through_two_replicas_at_once_are_all_listed(

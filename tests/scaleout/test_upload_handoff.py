@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,19 +56,8 @@ OCTET = {"Content-Type": "application/octet-stream"}
 
 
 @pytest.fixture
-def replicas(
-    tmp_path: Path, proxy: FaultProxy, redis_server: RedisServer, seaweed_s3: SeaweedS3
-) -> Iterator[ReplicaSet]:
-    config = {"upstreams": upstream_table({ORIGIN: proxy}, 10.0)}
-    with ReplicaSet(
-        tmp_path / "set",
-        config,
-        redis_server=redis_server,
-        s3=seaweed_s3,
-        count=3,
-        policy=policy_document([ORIGIN]),
-    ) as started:
-        yield started
+def replicas(push_replicas: Callable[[int], ReplicaSet]) -> ReplicaSet:
+    return push_replicas(3)
 
 
 # -- a small upload client: one connection per request, to the replica chosen ---------------
