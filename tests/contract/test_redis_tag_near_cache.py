@@ -117,6 +117,15 @@ async def keeps(index: RedisTagIndex, tag: str, expected: TagEntry) -> None:
     await eventually(answered_from_memory, f"the replica keeping {expected}")
 
 
+async def pair_b_keeping_one(own_replicas: Replicas) -> tuple[RedisTagIndex, RedisTagIndex]:
+    """Two subscribed replicas; A wrote `latest` -> one, and B keeps it in memory."""
+    a, b = own_replicas(), own_replicas()
+    await live(a, b)
+    await a.put(ALPINE, "latest", entry(b"one"))
+    await keeps(b, "latest", entry(b"one"))
+    return a, b
+
+
 async def test_a_put_or_delete_through_one_replica_is_seen_by_another_that_kept_the_tag(
     replicas: Replicas,
 ) -> None:
@@ -227,10 +236,7 @@ async def test_warm_lookups_send_no_redis_command_while_subscribed(
 async def test_a_lost_subscription_stops_the_memory_until_subscribed_again(
     own_replicas: Replicas, own_redis: RedisServer
 ) -> None:
-    a, b = own_replicas(), own_replicas()
-    await live(a, b)
-    await a.put(ALPINE, "latest", entry(b"one"))
-    await keeps(b, "latest", entry(b"one"))
+    a, b = await pair_b_keeping_one(own_replicas)
 
     admin = redis_state(own_redis.redis_url, "unused:")
     try:
@@ -354,10 +360,7 @@ async def test_a_subscription_that_stops_answering_is_lost(
 async def test_redis_restarted_empty_leaves_no_kept_answer(
     own_replicas: Replicas, own_redis: RedisServer
 ) -> None:
-    a, b = own_replicas(), own_replicas()
-    await live(a, b)
-    await a.put(ALPINE, "latest", entry(b"one"))
-    await keeps(b, "latest", entry(b"one"))
+    a, b = await pair_b_keeping_one(own_replicas)
 
     own_redis.restart()  # back, empty; the memory keeps entries an hour, so only the
     # broken subscription can make B forget it
