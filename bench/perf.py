@@ -1,7 +1,7 @@
 """Benchmark: the gate against plain Distribution and Distribution's pull-through cache,
 and the gate with one worker against N workers, in one run.
 
-Run from the repository root: `python3 bench/perf.py [--quick] [--seconds 5]
+Run from the repository root: `python3 bench/perf.py [--quick] [--seconds 5] [--runs 3]
 [--cold-mib 1024] [--big-mib 100] [--only manifest,blob,cold] [--gate-config JSON]
 [--workers N] [--no-workers] [--no-uvloop]`. Needs `docker-registry` (Debian's
 Distribution 2.8), `skopeo` and `curl`; uses `wrk` when installed (else an aiohttp
@@ -54,6 +54,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,8 +132,10 @@ def head_load(url: str, connections: int, seconds: float, headers: dict[str, str
     return float(line.split()[3])
 
 
-def warm(subject: Subject, small: PushedRef, big: PushedRef, seconds: float) -> None:
-    """The warm figures: manifest GET/HEAD, config blob, big blob; CPU and RSS."""
+def warm(subject: Subject, small: PushedRef, big: PushedRef, seconds: float, runs: int = 1) -> None:
+    """The warm figures: manifest GET/HEAD, config blob, big blob; CPU and RSS. The
+    manifest GET (the targets' figure) is the median of `runs` runs; CPU, cores and
+    idle are measured over all of them."""
     headers = {"Accept": MANIFEST_ACCEPT}
     manifest = subject.url(small.repo, "manifests", small.tag)
     config = subject.url(small.repo, "blobs", small.manifest.blobs[0].digest)
@@ -142,12 +145,12 @@ def warm(subject: Subject, small: PushedRef, big: PushedRef, seconds: float) -> 
         load(url, conns, min(1.0, seconds), headers if url == manifest else {})
     pids = subject.processes()
     meter = CpuMeter(pids, subject.engines)
-    got = load(manifest, 16, seconds, headers)
+    rounds = [load(manifest, 16, seconds, headers) for _ in range(max(1, runs))]
     span = meter.stop()
-    requests = got["rps"] * seconds
+    requests = sum(got["rps"] for got in rounds) * seconds
     subject.figures.update(
-        manifest_rps=got["rps"],
-        manifest_errors=got["errors"],
+        manifest_rps=statistics.median(got["rps"] for got in rounds),
+        manifest_errors=sum(got["errors"] for got in rounds),
         cpu_us_per_request=span.server / requests * 1e6 if requests else math.nan,
         engines_us_per_request=(
             span.engines / requests * 1e6 if requests and subject.engines else math.nan
@@ -232,7 +235,7 @@ def cold(plain: Subject, gate: Subject, digest: str, size: int) -> None:
 # -- output -----------------------------------------------------------------------------------
 
 ROWS: list[tuple[str, str | tuple[str, ...], str]] = [
-    ("warm manifest by tag GET, req/s (16 conns)", "manifest_rps", "{:.0f}"),
+    ("warm manifest by tag GET, req/s (16 conns, median)", "manifest_rps", "{:.0f}"),
     ("  ... non-2xx responses", "manifest_errors", "{:.0f}"),
     ("warm manifest by tag HEAD, req/s (16 conns)", "head_rps", "{:.0f}"),
     ("warm config blob GET, req/s (16 conns)", "config_rps", "{:.0f}"),
@@ -294,7 +297,8 @@ def table(
     )
     lines.append(
         f"single run, {time.strftime('%Y-%m-%d %H:%M %Z')}: compare ratios, not figures across "
-        f"days; {args.seconds:g} s per load run; big blob {args.big_mib} MiB; cold blob "
+        f"days; {args.seconds:g} s per load run (manifest GET: median of {args.runs}); "
+        f"big blob {args.big_mib} MiB; cold blob "
         f"{args.cold_mib} MiB; loopback; {len(os.sched_getaffinity(0))} CPUs shared by every "
         f"server, redis-server, SeaweedFS and the load tool: "
         f"{'wrk' if shutil.which('wrk') else 'aiohttp'} (HEAD: ab); gate config extra: "
@@ -340,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, small blobs")
     parser.add_argument("--seconds", type=float, help="length of each load run (5; quick 2)")
+    parser.add_argument(
+        "--runs", type=int, help="manifest GET runs per subject, median taken (3; quick 1)"
+    )
     parser.add_argument("--big-mib", type=int, help="size of the warm big blob (100; quick 16)")
     parser.add_argument("--cold-mib", type=int, help="size of the cold blob (1024; quick 256)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections to run")
@@ -354,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: tmp)")
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (2.0 if args.quick else 5.0)
+    args.runs = args.runs or (1 if args.quick else 3)
     args.big_mib = args.big_mib or (16 if args.quick else 100)
     args.cold_mib = args.cold_mib or (256 if args.quick else 1024)
     args.workers = args.workers or default_workers()
@@ -424,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         if only & {"manifest", "blob"}:
             for subject in subjects:
                 print(f"measuring {subject.label} (warm) ...", file=sys.stderr)
-                warm(subject, small, big, args.seconds)
+                warm(subject, small, big, args.seconds, args.runs)
         if "cold" in only:
             for subject in cold_gates:
                 print(f"measuring the cold pull through {subject.label} ...", file=sys.stderr)
