@@ -537,3 +537,34 @@ async def test_a_fill_source_feeds_the_fill_instead_of_the_upstream(
     async with coordinator.stream(digest, upstream.open, fill_source=peer.open) as blob:
         assert b"".join([chunk async for chunk in blob]) == body
     assert (peer.opens, upstream.opens) == (1, 0)
+
+
+async def test_the_next_chunk_is_received_while_a_write_is_in_flight(
+    store: FilesystemBlobStore, coordinator: FillCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fill does not stop the upstream transfer for each write: the first write is
+    held until the fill has asked the upstream for the second chunk, which happens only
+    if the fill reads on while the write is in flight (else the hold times out and the
+    fill fails)."""
+    data = os.urandom(4 * 16 * 1024)
+    upstream = FakeUpstream(data, pause_at=16 * 1024)  # pauses when asked for chunk two
+    held: list[bool] = []
+    begin_fill = store.begin_fill
+
+    async def begin_held_fill(digest: str, size: int | None = None) -> BlobWriter:
+        writer = await begin_fill(digest, size)
+        write = writer.write
+
+        async def held_write(chunk: bytes) -> None:
+            if not held:
+                held.append(True)
+                await asyncio.wait_for(upstream.paused.wait(), 5)
+                upstream.release.set()
+            await write(chunk)
+
+        monkeypatch.setattr(writer, "write", held_write)
+        return writer
+
+    monkeypatch.setattr(store, "begin_fill", begin_held_fill)
+    assert await read_all(coordinator, sha(data), upstream) == data
+    assert held and upstream.release.is_set()

@@ -538,21 +538,30 @@ class FillCoordinator:
             except CacheFull:
                 fill.no_room = True
                 raise
+            # One chunk is written (and hashed, in the writer's thread) while the next one
+            # is received: awaiting each write before reading on would stop the upstream
+            # transfer for every write (aiohttp pauses the socket once its small buffer
+            # is full). Writes stay in order, one at a time, and readers are told of
+            # bytes only once they are written.
+            pending: asyncio.Task[None] | None = None
             try:
                 fill.writer, fill.size, fill.opened = writer, size, True
                 fill.notify()
+                received = 0
                 async for chunk in upstream.chunks:
-                    written = fill.written + len(chunk)
+                    received += len(chunk)
                     # Stop at once on excess: readers must never get past the announced
                     # length, and an endless body must not fill the disk.
-                    if size is not None and written > size:
+                    if size is not None and received > size:
                         raise DigestInvalid("upstream sent more than its Content-Length")
-                    if limit is not None and written > limit:
+                    if limit is not None and received > limit:
                         raise UpstreamUnavailable("blob is larger than the cache may hold")
-                    with _storing():
-                        await writer.write(chunk)
-                    fill.written = written
-                    fill.notify()
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.create_task(_write(fill, writer, chunk, received))
+                if pending is not None:
+                    await pending
+                    pending = None
 
                 def verified() -> None:
                     fill.verified = True
@@ -562,6 +571,9 @@ class FillCoordinator:
                     await writer.commit(size, on_verified=verified)
                 fill.committed = True
             except BaseException:
+                if pending is not None:
+                    # The writer's thread must be done with the file before it goes.
+                    await asyncio.wait([pending])
                 await writer.abort()
                 raise
 
@@ -604,6 +616,15 @@ def _failure(digest: str, exc: Exception) -> tuple[RegistryError, str]:
 class _StorageFailed(Exception):
     """The cache could not write the fill (disk full, permissions): not the upstream's
     fault, so not reported as such."""
+
+
+async def _write(fill: _Fill, writer: BlobWriter, chunk: bytes, end: int) -> None:
+    """Write a chunk of the fill; then readers may have the bytes up to `end` (at once,
+    not when the next chunk arrives: a slow upstream must not hold back what is here)."""
+    with _storing():
+        await writer.write(chunk)
+    fill.written = end
+    fill.notify()
 
 
 @contextlib.contextmanager
