@@ -164,6 +164,10 @@ class RedisSettings(_Strict):
     def _key_prefix(cls, value: str) -> str:
         if not 1 <= len(value) <= 64 or not value.isprintable() or " " in value:
             raise ValueError("must be 1 to 64 printable characters without spaces")
+        if "{" in value or "}" in value:
+            # The shared blob ledger puts its keys under one Redis Cluster hash tag
+            # (`{blob-ledger}`); a brace in the prefix would make another tag.
+            raise ValueError("must not contain braces")
         return value
 
     @field_validator("url")

@@ -407,6 +407,11 @@ BAD_UPSTREAM = {"registry": "quay.io", "url": "https://quay.io"}
             "redis.key_prefix",
             id="redis-prefix-empty",
         ),
+        pytest.param(
+            with_(MINIMAL, redis={"url": "redis://r:6379/0", "key_prefix": "gate{a}:"}),
+            "redis.key_prefix",
+            id="redis-prefix-braces",
+        ),
     ],
 )
 def test_bad_keys_are_named(tmp_path: Path, doc: dict[str, Any], key: str) -> None:
