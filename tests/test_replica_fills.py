@@ -1,6 +1,6 @@
 """Where a fill gets its bytes with Redis configured (proxy/content/replica_fills.py),
 against a real redis-server; the holder's endpoint is a real aiohttp server on loopback
-(tests/integration/test_replica_fills.py runs whole gate processes).
+(tests/scaleout/test_replica_fills.py runs whole gate processes).
 
 Held lease: upstream, renewed, released. A dead holder (its token left in Redis, its
 address refusing): taken over once the lease expired. A live holder that cannot be

@@ -34,7 +34,7 @@ from tests.integration.test_cache import (
     wait_for,
 )
 from tests.support.engines import RedisServer
-from tests.support.fault_proxy import FaultProxy, LoopThread
+from tests.support.fault_proxy import FaultProxy
 from tests.support.gate import GateFactory, GateProcess
 from tests.support.metrics import scrape, wait_for_value
 from tests.support.registries import DistributionRegistry, free_port
@@ -52,36 +52,8 @@ SERVED = "registry_gate_replica_streams_served_total"
 
 
 @pytest.fixture(scope="module")
-def loops() -> Iterator[LoopThread]:
-    thread = LoopThread("replica-fill-proxies")
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
-def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path_factory.mktemp("replica-origin"), name="r-origin")
-    with registry:
-        yield registry
-
-
-@pytest.fixture(scope="module")
 def origin_client(origin: DistributionRegistry) -> RegistryClient:
     return RegistryClient(origin.host)
-
-
-@pytest.fixture(scope="module")
-def proxy_module(origin: DistributionRegistry, loops: LoopThread) -> Iterator[FaultProxy]:
-    with FaultProxy(lambda: origin.url, name="replica-proxy", loop=loops) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def proxy(proxy_module: FaultProxy) -> Iterator[FaultProxy]:
-    proxy_module.clear_fault()
-    proxy_module.reset()
-    yield proxy_module
-    proxy_module.clear_fault()
 
 
 def replica_config(proxy: FaultProxy, redis_url: str, replica: str) -> dict[str, Any]:
