@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.support.cli import run_cli
-from tests.support.gate import GateProcess, GateStartError, standard_upstreams
+from tests.support.gate import GateProcess, GateStartError, all_running, standard_upstreams
 from tests.support.registry_client import MANIFEST_ACCEPT
 from tests.support.upstreams import Upstreams
 from tests.support.wire import request
@@ -50,13 +50,8 @@ def replicas(upstreams: Upstreams, shared: Path, tmp_path: Path) -> Iterator[lis
         GateProcess(tmp_path / name, replica_config(upstreams, shared, name), name=name)
         for name in REPLICAS
     ]
-    try:
-        for gate in gates:
-            gate.start()
-        yield gates
-    finally:
-        for gate in gates:
-            gate.stop()
+    with all_running(gates) as running:
+        yield running
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:

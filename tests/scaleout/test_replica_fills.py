@@ -35,7 +35,7 @@ from tests.integration.test_cache import (
 )
 from tests.support.engines import RedisServer
 from tests.support.fault_proxy import FaultProxy
-from tests.support.gate import GateFactory, GateProcess
+from tests.support.gate import GateFactory, GateProcess, all_running
 from tests.support.metrics import scrape, wait_for_value
 from tests.support.registries import DistributionRegistry, free_port
 from tests.support.registry_client import RegistryClient
@@ -81,13 +81,8 @@ def trio(
         )
         for name in ("a", "b", "c")
     ]
-    try:
-        for gate in gates:
-            gate.start()
-        yield gates
-    finally:
-        for gate in gates:
-            gate.stop()
+    with all_running(gates) as running:
+        yield running
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ table the shared ``gate`` fixture fronts, so ad-hoc gates can reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -280,3 +281,15 @@ class GateProcess(LoopbackProcess):
 # What the ``gate_factory`` fixture yields:
 # ``make(config, *, policy=None, env=None, name="gate") -> GateProcess`` (started).
 GateFactory = Callable[..., GateProcess]
+
+
+@contextlib.contextmanager
+def all_running(gates: Sequence[GateProcess]) -> Iterator[list[GateProcess]]:
+    """Start every gate (in order), yield them, stop every one of them after."""
+    try:
+        for gate in gates:
+            gate.start()
+        yield list(gates)
+    finally:
+        for gate in gates:
+            gate.stop()
