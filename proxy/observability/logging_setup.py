@@ -259,29 +259,35 @@ class _GateHandler(logging.StreamHandler[TextIO]):
         self._flush_pending = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Write the line; flush now unless a loop turn's flush can take it."""
+        """Write the record's line (`handle` holds the lock)."""
         try:
-            self.stream.write(self.format(record) + self.terminator)
+            line = self.format(record)
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING or not self._defer_flush():
-            self.flush()
+        self._put(line, record, urgent=record.levelno >= logging.WARNING)
 
     def write_line(self, line: str) -> None:
         """Write a line rendered without a LogRecord (the access log's), flushed like an
         INFO record's."""
+        self._put(line, None, urgent=False)
+
+    def _put(self, line: str, record: logging.LogRecord | None, *, urgent: bool) -> None:
+        """Write `line`; flush now if `urgent` or no loop turn's flush can take it."""
         self.acquire()
         try:
             self.stream.write(line + self.terminator)
+        except RecursionError:
+            raise
         except Exception:
             # As logging does: a broken stderr must not fail the request.
-            self.handleError(logging.makeLogRecord({"msg": line}))
+            self.handleError(record or logging.makeLogRecord({"msg": line}))
+            return
         finally:
             self.release()
-        if not self._defer_flush():
+        if urgent or not self._defer_flush():
             self.flush()
 
     def _defer_flush(self) -> bool:
